@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is a helper for them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when a requirements file changes.
+$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+## run: serve on http://127.0.0.1:5000 (development defaults unless .env says otherwise)
+run: $(VENV)/.installed
+	FLASK_DEBUG=1 $(BIN)/flask db upgrade
+	FLASK_DEBUG=1 $(BIN)/flask run --host 127.0.0.1 --port 5000
+
+## test: the whole suite against real PostgreSQL (TEST_DATABASE_URL overrides 127.0.0.1:5432)
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+## lint: ruff lint and format check, as CI runs them
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

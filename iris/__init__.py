@@ -1,0 +1,66 @@
+"""Iris accounts backend: the application factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from iris import config
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app: configuration, extensions, blueprints, error handlers, CLI, proxy middleware.
+
+    With ``test_config`` the environment is not read at all: the dict is the whole configuration on top of
+    the code defaults, so a developer's environment cannot leak into tests. Nothing touches the database or
+    the network here.
+    """
+    app = Flask(
+        __name__,
+        instance_relative_config=True,
+        template_folder="../templates",
+        static_folder="../static",
+    )
+    app.config.from_mapping(
+        MAX_CONTENT_LENGTH=64 * 1024,
+        IRIS_TIMEZONE="Europe/Stockholm",
+        IRIS_SIGNUP_ROLES=["restaurant"],
+        IRIS_PROXY_HOPS=0,
+        DATABASE_URL_DIRECT=None,
+    )
+    if test_config is None:
+        os.makedirs(app.instance_path, exist_ok=True)
+        app.config.update(
+            config.from_environment(os.environ, development=app.debug, instance_path=app.instance_path)
+        )
+        app.config.from_prefixed_env("FLASK")
+    else:
+        app.config.update(test_config)
+    uri = config.database_uri(app.config["SQLALCHEMY_DATABASE_URI"])
+    app.config["SQLALCHEMY_DATABASE_URI"] = uri
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = config.engine_options(
+        uri, app.config.get("SQLALCHEMY_ENGINE_OPTIONS")
+    )
+
+    from iris import models  # registers the models with db.metadata
+    from iris.extensions import csrf, db, migrate
+
+    db.init_app(app)
+    migrate.init_app(app, db)
+    csrf.init_app(app)
+
+    from iris import errors, ops, web
+
+    app.register_blueprint(ops.bp)
+    app.register_blueprint(web.bp)
+    errors.init_app(app)
+    app.add_template_filter(models.local_isoformat, "localtime")
+
+    if app.config["IRIS_PROXY_HOPS"] > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        hops = app.config["IRIS_PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+    return app

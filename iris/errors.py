@@ -1,0 +1,220 @@
+"""Domain errors, and how every error becomes a response.
+
+Code below the views raises ``IrisError`` subclasses and never builds HTTP responses. The handlers registered
+by ``init_app`` turn them, Werkzeug's HTTP errors (routing 404/405 included) and unexpected exceptions into:
+
+- under ``/api/`` (and on /healthz, /readyz): the JSON envelope of design.md,
+  ``{"error": {code, message, details?, request_id}}``;
+- everywhere else: an HTML page in the site layout (``templates/error.html``).
+
+Every response carries the request id in ``X-Request-ID``: a well-formed incoming header is kept, otherwise a
+new id is generated, so a client, the logs and an error body all name the same request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+import sqlalchemy.exc
+from flask import Flask, Response, g, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from iris.extensions import db
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{8,128}")
+
+
+class IrisError(Exception):
+    """An error with a status, a stable machine-readable ``code`` and a message safe to show anyone.
+
+    ``details`` lists field problems (``{"field", "code", "message"}``); ``retry_after`` (seconds) becomes a
+    ``Retry-After`` header. Messages must never contain a password, token or key.
+    """
+
+    status_code = 500
+    code = "internal_error"
+    message = "Something went wrong on our side. Please try again."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: list[dict[str, str]] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        if message is not None:
+            self.message = message
+        self.details = details or []
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+
+class ValidationFailed(IrisError):
+    status_code = 422
+    code = "validation_error"
+    message = "One or more fields are invalid."
+
+
+class EmailTaken(IrisError):
+    status_code = 409
+    code = "email_taken"
+    message = "An account with this email address already exists."
+
+
+class AuthProviderError(IrisError):
+    status_code = 502
+    code = "auth_provider_error"
+    message = "The sign-in service gave an unexpected answer. Please try again later."
+
+
+class AuthProviderUnavailable(IrisError):
+    status_code = 503
+    code = "auth_provider_unavailable"
+    message = "The sign-in service is unavailable right now. Please try again shortly."
+
+
+class DatabaseUnavailable(IrisError):
+    status_code = 503
+    code = "database_unavailable"
+    message = "The service is temporarily unavailable. Please try again shortly."
+
+
+class RateLimited(IrisError):
+    status_code = 429
+    code = "rate_limited"
+    message = "Too many attempts. Please wait before trying again."
+
+
+# Codes for Werkzeug's HTTP errors; anything unlisted uses its status phrase in snake case.
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+# Messages for Werkzeug's HTTP errors; their own descriptions are long and written for HTML.
+HTTP_MESSAGES = {
+    400: "The request could not be understood.",
+    404: "Nothing is here.",
+    405: "This method is not allowed here.",
+    413: "The request body is too large.",
+    415: "Unsupported content type.",
+}
+
+# Database errors that mean "cannot reach the database", not "the query is wrong".
+DATABASE_UNREACHABLE = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError)
+
+
+def request_id() -> str:
+    """The current request's id (see module docstring)."""
+    if "request_id" not in g:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex
+    return g.request_id
+
+
+def wants_json() -> bool:
+    """API paths and the operational endpoints answer in JSON; pages answer in HTML."""
+    return request.path.startswith("/api/") or request.path in ("/api", "/healthz", "/readyz")
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: list[dict[str, str]] | None = None,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The error as a JSON envelope under /api/ or as an HTML page elsewhere."""
+    if wants_json():
+        body: dict[str, Any] = {"code": code, "message": message}
+        if details:
+            body["details"] = details
+        body["request_id"] = request_id()
+        response = jsonify(error=body)
+    else:
+        response = Response(
+            render_template("error.html", status=status, code=code, message=message),
+            mimetype="text/html",
+        )
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    response.headers.update(headers or {})
+    return response
+
+
+def handle_iris_error(error: IrisError) -> Response:
+    if isinstance(error, DatabaseUnavailable):
+        db.session.rollback()
+    return error_response(
+        error.status_code,
+        error.code,
+        error.message,
+        details=error.details,
+        retry_after=error.retry_after,
+    )
+
+
+def handle_http_exception(error: HTTPException) -> Response:
+    status = error.code or 500
+    if status == 500:
+        return handle_unexpected(error)
+    code = HTTP_CODES.get(status) or (error.name or "error").lower().replace(" ", "_")
+    message = HTTP_MESSAGES.get(status) or error.name or "Error"
+    headers = {}
+    if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+        headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+    return error_response(status, code, message, headers=headers)
+
+
+def handle_database_unreachable(error: Exception) -> Response:
+    log.warning("database unreachable: %s", type(error).__name__)
+    return handle_iris_error(DatabaseUnavailable(retry_after=5))
+
+
+def handle_unexpected(error: Exception) -> Response:
+    """A 500 with no internals in the body; the traceback goes to the log with the request id."""
+    original = getattr(error, "original_exception", None) or error
+    db.session.rollback()
+    if isinstance(original, DATABASE_UNREACHABLE):
+        return handle_database_unreachable(original)
+    log.error(
+        "unhandled error in %s %s (request %s)",
+        request.method,
+        request.path,
+        request_id(),
+        exc_info=original if isinstance(original, BaseException) else None,
+    )
+    return error_response(500, IrisError.code, IrisError.message)
+
+
+def add_request_id_header(response: Response) -> Response:
+    response.headers["X-Request-ID"] = request_id()
+    return response
+
+
+def assign_request_id() -> None:
+    request_id()
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(assign_request_id)
+    app.after_request(add_request_id_header)
+    app.register_error_handler(IrisError, handle_iris_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    for error_class in DATABASE_UNREACHABLE:
+        app.register_error_handler(error_class, handle_database_unreachable)
+    app.register_error_handler(500, handle_unexpected)

@@ -1,0 +1,112 @@
+"""The database models: a shared base (UUID id, timestamps, soft delete) and ``User``.
+
+Soft delete: setting ``deleted_at`` hides a row from every ORM query made through ``db.session`` (the
+``do_orm_execute`` hook below adds ``deleted_at IS NULL``). A query that must see deleted rows asks for them
+with ``.execution_options(include_deleted=True)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from flask_sqlalchemy.session import Session as FlaskSession
+from sqlalchemy import event, orm
+from sqlalchemy.orm import Mapped, mapped_column
+
+from iris.extensions import db
+
+ROLES = ("restaurant", "admin")
+
+
+class BaseModel(db.Model):
+    """Columns every Iris table has.
+
+    ``id`` is made by the app (uuid4), so a row's id is known before it is written; registration hands it to
+    Clerk as ``external_id``. ``created_at`` and ``updated_at`` are set by the database: on insert by their
+    server default, on update by the ``set_updated_at`` trigger that the migrations install, so any writer,
+    not only the ORM, moves ``updated_at``.
+    """
+
+    __abstract__ = True
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now(), server_onupdate=sa.FetchedValue()
+    )
+    deleted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+    def soft_delete(self) -> None:
+        """Mark the row deleted; the caller commits. The row keeps its data but leaves every query."""
+        self.deleted_at = datetime.now(UTC)
+
+
+class User(BaseModel):
+    """An Iris account. The password lives at Clerk only; no column here can hold one.
+
+    ``clerk_user_id`` is NULL only while a registration is in flight (between reserving the email and
+    recording Clerk's answer, see ``iris.registration``); a row with it set is a complete account.
+    """
+
+    __tablename__ = "users"
+    __table_args__ = (
+        # The email is unique among live rows only: soft-deleting an account frees its email.
+        sa.Index(
+            "uq_users_email_live",
+            "email",
+            unique=True,
+            postgresql_where=sa.text("deleted_at IS NULL"),
+            sqlite_where=sa.text("deleted_at IS NULL"),
+        ),
+        sa.CheckConstraint("role IN ('restaurant', 'admin')", name="role_known"),
+    )
+
+    email: Mapped[str] = mapped_column(sa.String(320))
+    clerk_user_id: Mapped[str | None] = mapped_column(sa.String(64), unique=True)
+    role: Mapped[str] = mapped_column(sa.String(20), default="restaurant")
+
+    @orm.validates("email")
+    def _normalise_email(self, key: str, value: str) -> str:
+        return normalise_email(value)
+
+    def to_dict(self, timezone: str) -> dict:
+        """The user JSON of the API contract, timestamps rendered in ``timezone``."""
+        return {
+            "id": str(self.id),
+            "email": self.email,
+            "clerk_user_id": self.clerk_user_id,
+            "role": self.role,
+            "created_at": local_isoformat(self.created_at, timezone),
+            "updated_at": local_isoformat(self.updated_at, timezone),
+        }
+
+
+def normalise_email(value: str) -> str:
+    """The stored form of an email address: trimmed and lower-cased."""
+    return value.strip().lower()
+
+
+def local_isoformat(moment: datetime, timezone: str) -> str:
+    """ISO 8601 for ``moment`` in ``timezone`` with its UTC offset, DST included.
+
+    A naive value (SQLite returns those) is taken to be UTC, which is what the database stored.
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(ZoneInfo(timezone)).isoformat()
+
+
+@event.listens_for(FlaskSession, "do_orm_execute")
+def _hide_soft_deleted(execute_state: orm.ORMExecuteState) -> None:
+    if (
+        execute_state.is_select
+        and not execute_state.is_column_load
+        and not execute_state.is_relationship_load
+        and not execute_state.execution_options.get("include_deleted", False)
+    ):
+        execute_state.statement = execute_state.statement.options(
+            orm.with_loader_criteria(BaseModel, lambda cls: cls.deleted_at.is_(None), include_aliases=True)
+        )

@@ -1,0 +1,138 @@
+"""Configuration and the app factory."""
+
+import pytest
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from iris import config, create_app
+
+
+def test_outside_development_every_missing_variable_is_named_at_once(tmp_path):
+    with pytest.raises(config.ConfigError) as raised:
+        config.from_environment({}, development=False, instance_path=str(tmp_path))
+    message = str(raised.value)
+    assert "DATABASE_URL" in message
+    assert "FLASK_SECRET_KEY" in message
+
+
+def test_blank_values_count_as_missing(tmp_path):
+    environ = {"DATABASE_URL": "  ", "FLASK_SECRET_KEY": "s3cret"}
+    with pytest.raises(config.ConfigError, match="DATABASE_URL"):
+        config.from_environment(environ, development=False, instance_path=str(tmp_path))
+
+
+def test_create_app_outside_development_refuses_to_start(monkeypatch):
+    for name in ("DATABASE_URL", "FLASK_SECRET_KEY", "FLASK_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(config.ConfigError, match="DATABASE_URL, FLASK_SECRET_KEY"):
+        create_app()
+
+
+def test_development_falls_back_to_sqlite_generated_key_and_local_standin(tmp_path):
+    settings = config.from_environment({}, development=True, instance_path=str(tmp_path))
+    assert settings["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{tmp_path}/iris.sqlite3"
+    assert len(settings["SECRET_KEY"]) >= 32
+    assert settings["CLERK_API_URL"] == config.DEV_CLERK_API_URL
+
+
+def test_development_uses_real_values_when_given(tmp_path):
+    environ = {
+        "DATABASE_URL": "postgres://u@db.example/iris",
+        "FLASK_SECRET_KEY": "k",
+        "CLERK_API_URL": "https://api.clerk.com/",
+    }
+    settings = config.from_environment(environ, development=True, instance_path=str(tmp_path))
+    assert settings["SQLALCHEMY_DATABASE_URI"] == "postgres://u@db.example/iris"
+    assert settings["SECRET_KEY"] == "k"
+    assert settings["CLERK_API_URL"] == "https://api.clerk.com"
+
+
+def test_lists_and_numbers_are_parsed(tmp_path):
+    environ = {
+        "DATABASE_URL": "sqlite://",
+        "FLASK_SECRET_KEY": "k",
+        "IRIS_SIGNUP_ROLES": "restaurant, admin ,",
+        "CLERK_AUTHORIZED_PARTIES": "https://a.example,https://b.example",
+        "IRIS_PROXY_HOPS": "2",
+    }
+    settings = config.from_environment(environ, development=False, instance_path=str(tmp_path))
+    assert settings["IRIS_SIGNUP_ROLES"] == ["restaurant", "admin"]
+    assert settings["CLERK_AUTHORIZED_PARTIES"] == ["https://a.example", "https://b.example"]
+    assert settings["IRIS_PROXY_HOPS"] == 2
+
+
+def test_a_non_numeric_proxy_hop_count_is_a_clear_error(tmp_path):
+    environ = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "IRIS_PROXY_HOPS": "one"}
+    with pytest.raises(config.ConfigError, match="IRIS_PROXY_HOPS must be a whole number"):
+        config.from_environment(environ, development=False, instance_path=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://u:p@ep-x-pooler.neon.tech/db?sslmode=require",
+        "postgresql://u:p@ep-x-pooler.neon.tech/db?sslmode=require",
+    ],
+)
+def test_postgres_urls_are_driven_by_psycopg3(url):
+    assert config.database_uri(url) == "postgresql+psycopg://u:p@ep-x-pooler.neon.tech/db?sslmode=require"
+
+
+def test_engine_options_for_neon():
+    options = config.engine_options("postgresql+psycopg://h/db")
+    assert options["pool_size"] == 5
+    assert options["max_overflow"] == 0
+    assert options["pool_pre_ping"] is True
+    assert 0 < options["pool_recycle"] < 300
+    assert options["connect_args"]["prepare_threshold"] is None
+    assert options["connect_args"]["connect_timeout"] > 0
+
+
+def test_engine_option_overrides_merge_connect_args():
+    options = config.engine_options(
+        "postgresql+psycopg://h/db", {"pool_size": 2, "connect_args": {"options": "-cx=y"}}
+    )
+    assert options["pool_size"] == 2
+    assert options["connect_args"]["options"] == "-cx=y"
+    assert options["connect_args"]["prepare_threshold"] is None
+
+
+def test_sqlite_gets_no_postgres_options():
+    assert config.engine_options("sqlite:///x.db") == {}
+
+
+def test_the_app_engine_is_built_with_the_neon_options(app):
+    from iris.extensions import db
+
+    with app.app_context():
+        pool = db.engine.pool
+        assert pool.size() == 5
+        assert pool._max_overflow == 0
+        assert pool._pre_ping is True
+        assert db.engine.dialect.driver == "psycopg"
+
+
+def test_test_config_ignores_the_environment(monkeypatch, schema):
+    from tests.conftest import make_test_app
+
+    monkeypatch.setenv("IRIS_TIMEZONE", "Asia/Tokyo")
+    app = make_test_app(schema)
+    assert app.config["IRIS_TIMEZONE"] == "Europe/Stockholm"
+
+
+def test_flask_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    monkeypatch.setenv("FLASK_SECRET_KEY", "from-env")
+    monkeypatch.setenv("FLASK_MAX_CONTENT_LENGTH", "1234")
+    app = create_app()
+    assert app.config["SECRET_KEY"] == "from-env"
+    assert app.config["MAX_CONTENT_LENGTH"] == 1234
+
+
+@pytest.mark.parametrize("hops", [0, 2])
+def test_proxy_fix_only_with_trusted_hops(schema, hops):
+    from tests.conftest import make_test_app
+
+    app = make_test_app(schema, IRIS_PROXY_HOPS=hops)
+    assert isinstance(app.wsgi_app, ProxyFix) is (hops > 0)
+    if hops:
+        assert app.wsgi_app.x_for == 2
