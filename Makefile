@@ -14,9 +14,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-## run: serve on http://127.0.0.1:5000 (development defaults unless .env says otherwise)
+## run: serve on http://127.0.0.1:5000 (development defaults unless .env says otherwise), with the
+## local Clerk stand-in on http://127.0.0.1:5001 (stopped again when the app stops)
 run: $(VENV)/.installed
 	FLASK_DEBUG=1 $(BIN)/flask db upgrade
+	$(BIN)/python -m iris.clerk_standin --host 127.0.0.1 --port 5001 \
+		--key-file instance/clerk-standin-key.pem & standin=$$!; \
+	trap 'kill $$standin 2>/dev/null' EXIT INT TERM; \
 	FLASK_DEBUG=1 $(BIN)/flask run --host 127.0.0.1 --port 5000
 
 ## test: the whole suite against real PostgreSQL (TEST_DATABASE_URL overrides 127.0.0.1:5432)

@@ -51,11 +51,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     migrate.init_app(app, db)
     csrf.init_app(app)
 
-    from iris import errors, ops, web
+    from iris import api, cli, errors, ops, web
 
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)  # the JSON API is not cookie-authenticated for writes; forms keep CSRF
     app.register_blueprint(ops.bp)
     app.register_blueprint(web.bp)
     errors.init_app(app)
+    cli.init_app(app)
     app.add_template_filter(models.local_isoformat, "localtime")
 
     if app.config["IRIS_PROXY_HOPS"] > 0:

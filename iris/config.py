@@ -22,6 +22,7 @@ DEV_CLERK_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in'
 # Variables that must be set outside development, mapped to the config key each one fills.
 REQUIRED_OUTSIDE_DEVELOPMENT = {
     "DATABASE_URL": "SQLALCHEMY_DATABASE_URI",
+    "CLERK_SECRET_KEY": "CLERK_SECRET_KEY",
     "FLASK_SECRET_KEY": "SECRET_KEY",
 }
 
@@ -94,12 +95,22 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
         "IRIS_SIGNUP_ROLES": _split(env.get("IRIS_SIGNUP_ROLES", "restaurant")),
         "IRIS_PROXY_HOPS": _integer(env, "IRIS_PROXY_HOPS", 0),
     }
+    unknown = [role for role in settings["IRIS_SIGNUP_ROLES"] if role != "restaurant"]
+    if unknown:
+        # Admins are never self-registered, and no other role exists.
+        raise ConfigError(
+            "Iris cannot start: IRIS_SIGNUP_ROLES may only contain restaurant, not "
+            + ", ".join(unknown)
+            + "."
+        )
     if "RATELIMIT_STORAGE_URI" in env:
         settings["RATELIMIT_STORAGE_URI"] = env["RATELIMIT_STORAGE_URI"]
     if "DATABASE_URL" in env:
         settings["SQLALCHEMY_DATABASE_URI"] = env["DATABASE_URL"]
     if "FLASK_SECRET_KEY" in env:
         settings["SECRET_KEY"] = env["FLASK_SECRET_KEY"]
+    if "CLERK_SECRET_KEY" in env:
+        settings["CLERK_SECRET_KEY"] = env["CLERK_SECRET_KEY"]
 
     if development:
         settings.setdefault(
@@ -107,8 +118,9 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
         )
         # A fresh key per start: development sessions and CSRF tokens do not survive a restart.
         settings.setdefault("SECRET_KEY", secrets.token_hex(32))
-        if "CLERK_API_URL" not in env:
-            settings["CLERK_API_URL"] = DEV_CLERK_API_URL
+        if "CLERK_SECRET_KEY" not in env:
+            settings["CLERK_SECRET_KEY"] = DEV_CLERK_SECRET_KEY
+            settings["CLERK_API_URL"] = env.get("CLERK_API_URL", DEV_CLERK_API_URL).rstrip("/")
     missing = [name for name, key in REQUIRED_OUTSIDE_DEVELOPMENT.items() if key not in settings]
     if missing:
         raise ConfigError(

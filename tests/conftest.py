@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from iris import create_app
+from iris.clerk_standin import DEFAULT_SECRET_KEY, StandinServer
 from iris.config import database_uri
 from iris.extensions import db
 
@@ -42,14 +43,39 @@ def schema(admin_engine: sa.Engine) -> Iterator[str]:
         connection.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
 
 
+_standin_url = "http://127.0.0.1:1"  # replaced by the standin_server fixture
+
+
+@pytest.fixture(scope="session")
+def standin_server() -> Iterator[StandinServer]:
+    """The local Clerk stand-in, on a free loopback port, for the whole run."""
+    global _standin_url
+    with StandinServer() as server:
+        _standin_url = server.base_url
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def standin(standin_server: StandinServer) -> Iterator[StandinServer]:
+    """The stand-in, emptied (users, sessions, faults, counters) after every test."""
+    yield standin_server
+    standin_server.app.reset()
+
+
 def make_test_app(schema: str, **overrides) -> Flask:
-    """An app on ``schema`` with the test configuration; ``overrides`` replace any of its keys."""
+    """An app on ``schema`` talking to the stand-in; ``overrides`` replace any of its settings."""
     settings = {
         "TESTING": True,
+        # Unhandled errors become the real 500 response (and a logged traceback), as in production.
+        "PROPAGATE_EXCEPTIONS": False,
         "SECRET_KEY": "test-secret-key",
         "WTF_CSRF_ENABLED": False,
         "SQLALCHEMY_DATABASE_URI": TEST_DATABASE_URL,
         "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"options": f"-csearch_path={schema}"}},
+        "CLERK_API_URL": _standin_url,
+        "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
+        # Short timeouts keep the hang tests quick; production uses iris.clerk.DEFAULT_TIMEOUT.
+        "CLERK_TIMEOUT": (1.0, 1.5),
     }
     settings.update(overrides)
     return create_app(settings)

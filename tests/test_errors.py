@@ -27,7 +27,7 @@ def page_boom():
 
 @pytest.fixture
 def probe_client(schema):
-    app = make_test_app(schema, PROPAGATE_EXCEPTIONS=False, MAX_CONTENT_LENGTH=1024)
+    app = make_test_app(schema, MAX_CONTENT_LENGTH=1024)
     app.register_blueprint(probe)
     return app.test_client()
 

@@ -9,20 +9,21 @@ from iris import config, create_app
 def test_outside_development_every_missing_variable_is_named_at_once(tmp_path):
     with pytest.raises(config.ConfigError) as raised:
         config.from_environment({}, development=False, instance_path=str(tmp_path))
-    message = str(raised.value)
-    assert "DATABASE_URL" in message
-    assert "FLASK_SECRET_KEY" in message
+    assert "missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY." in str(
+        raised.value
+    )
 
 
 def test_blank_values_count_as_missing(tmp_path):
-    environ = {"DATABASE_URL": "  ", "FLASK_SECRET_KEY": "s3cret"}
-    with pytest.raises(config.ConfigError, match="DATABASE_URL"):
+    environ = {"DATABASE_URL": "  ", "FLASK_SECRET_KEY": "s3cret", "CLERK_SECRET_KEY": "sk_live_x"}
+    with pytest.raises(config.ConfigError, match=r"configuration DATABASE_URL\."):
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
 
 
 def test_create_app_outside_development_refuses_to_start(monkeypatch):
-    for name in ("DATABASE_URL", "FLASK_SECRET_KEY", "FLASK_DEBUG"):
+    for name in ("DATABASE_URL", "CLERK_SECRET_KEY", "FLASK_SECRET_KEY", "FLASK_DEBUG"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLERK_SECRET_KEY", "sk_live_x")
     with pytest.raises(config.ConfigError, match="DATABASE_URL, FLASK_SECRET_KEY"):
         create_app()
 
@@ -32,15 +33,25 @@ def test_development_falls_back_to_sqlite_generated_key_and_local_standin(tmp_pa
     assert settings["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{tmp_path}/iris.sqlite3"
     assert len(settings["SECRET_KEY"]) >= 32
     assert settings["CLERK_API_URL"] == config.DEV_CLERK_API_URL
+    assert settings["CLERK_SECRET_KEY"] == config.DEV_CLERK_SECRET_KEY
+
+
+def test_a_real_clerk_key_in_development_talks_to_real_clerk(tmp_path):
+    environ = {"CLERK_SECRET_KEY": "sk_test_real"}
+    settings = config.from_environment(environ, development=True, instance_path=str(tmp_path))
+    assert settings["CLERK_SECRET_KEY"] == "sk_test_real"
+    assert settings["CLERK_API_URL"] == "https://api.clerk.com"
 
 
 def test_development_uses_real_values_when_given(tmp_path):
     environ = {
         "DATABASE_URL": "postgres://u@db.example/iris",
         "FLASK_SECRET_KEY": "k",
+        "CLERK_SECRET_KEY": "sk_test_real",
         "CLERK_API_URL": "https://api.clerk.com/",
     }
     settings = config.from_environment(environ, development=True, instance_path=str(tmp_path))
+    assert settings["CLERK_SECRET_KEY"] == "sk_test_real"
     assert settings["SQLALCHEMY_DATABASE_URI"] == "postgres://u@db.example/iris"
     assert settings["SECRET_KEY"] == "k"
     assert settings["CLERK_API_URL"] == "https://api.clerk.com"
@@ -50,18 +61,36 @@ def test_lists_and_numbers_are_parsed(tmp_path):
     environ = {
         "DATABASE_URL": "sqlite://",
         "FLASK_SECRET_KEY": "k",
-        "IRIS_SIGNUP_ROLES": "restaurant, admin ,",
+        "CLERK_SECRET_KEY": "sk_x",
+        "IRIS_SIGNUP_ROLES": " restaurant ,",
         "CLERK_AUTHORIZED_PARTIES": "https://a.example,https://b.example",
         "IRIS_PROXY_HOPS": "2",
     }
     settings = config.from_environment(environ, development=False, instance_path=str(tmp_path))
-    assert settings["IRIS_SIGNUP_ROLES"] == ["restaurant", "admin"]
+    assert settings["IRIS_SIGNUP_ROLES"] == ["restaurant"]
     assert settings["CLERK_AUTHORIZED_PARTIES"] == ["https://a.example", "https://b.example"]
     assert settings["IRIS_PROXY_HOPS"] == 2
 
 
+@pytest.mark.parametrize("roles", ["restaurant,admin", "owner"])
+def test_admins_and_unknown_roles_can_never_be_self_registered(tmp_path, roles):
+    environ = {
+        "DATABASE_URL": "sqlite://",
+        "FLASK_SECRET_KEY": "k",
+        "CLERK_SECRET_KEY": "sk_x",
+        "IRIS_SIGNUP_ROLES": roles,
+    }
+    with pytest.raises(config.ConfigError, match="IRIS_SIGNUP_ROLES may only contain restaurant"):
+        config.from_environment(environ, development=False, instance_path=str(tmp_path))
+
+
 def test_a_non_numeric_proxy_hop_count_is_a_clear_error(tmp_path):
-    environ = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "IRIS_PROXY_HOPS": "one"}
+    environ = {
+        "DATABASE_URL": "sqlite://",
+        "FLASK_SECRET_KEY": "k",
+        "CLERK_SECRET_KEY": "sk_x",
+        "IRIS_PROXY_HOPS": "one",
+    }
     with pytest.raises(config.ConfigError, match="IRIS_PROXY_HOPS must be a whole number"):
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
 
@@ -122,6 +151,7 @@ def test_test_config_ignores_the_environment(monkeypatch, schema):
 def test_flask_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     monkeypatch.setenv("FLASK_SECRET_KEY", "from-env")
+    monkeypatch.setenv("CLERK_SECRET_KEY", "sk_x")
     monkeypatch.setenv("FLASK_MAX_CONTENT_LENGTH", "1234")
     app = create_app()
     assert app.config["SECRET_KEY"] == "from-env"

@@ -1,0 +1,55 @@
+"""The JSON API, under /api/v1. Views parse JSON, call the service and shape the answer; no rules here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request
+
+from iris import registration
+from iris.errors import IrisError, ValidationFailed
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+REGISTER_FIELDS = ("email", "password", "role")
+
+
+class InvalidJSON(IrisError):
+    status_code = 400
+    code = "invalid_json"
+    message = "The request body is not valid JSON."
+
+
+class UnsupportedMediaType(IrisError):
+    status_code = 415
+    code = "unsupported_media_type"
+    message = "Send the body as JSON with Content-Type: application/json."
+
+
+def json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or the matching envelope error."""
+    if not request.is_json:
+        raise UnsupportedMediaType()
+    body = request.get_json(silent=True)
+    if body is None:
+        raise InvalidJSON()
+    if not isinstance(body, dict):
+        raise InvalidJSON("The request body must be a JSON object.")
+    return body
+
+
+@bp.post("/auth/register")
+def register():
+    """Create an account: ``{email, password, role?}`` -> 201 with the user JSON and its Location."""
+    body = json_object()
+    unknown = sorted(set(body) - set(REGISTER_FIELDS))
+    if unknown:
+        raise ValidationFailed(
+            details=[
+                {"field": name, "code": "unknown_field", "message": "This field is not accepted."}
+                for name in unknown
+            ]
+        )
+    user = registration.register(body.get("email"), body.get("password"), body.get("role"))
+    location = f"{bp.url_prefix}/users/{user.id}"
+    return user.to_dict(current_app.config["IRIS_TIMEZONE"]), 201, {"Location": location}

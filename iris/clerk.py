@@ -1,0 +1,224 @@
+"""Clerk Backend API client: the only code in Iris that talks to Clerk over HTTP.
+
+Guarantees:
+- Connections are kept alive and reused: one ``requests.Session`` per thread, made lazily in the process that
+  uses it (so a gunicorn worker never shares a socket with its parent or a sibling).
+- Every call has explicit connect and read timeouts (``CLERK_TIMEOUT``), well under gunicorn's worker timeout.
+- Every answer becomes a value or an ``iris.errors`` domain error (design.md, registration guarantee 7):
+  ``form_identifier_exists`` -> ``EmailTaken``; ``form_password_*`` -> ``ValidationFailed`` on ``password``
+  with Clerk's message; 429 -> ``RateLimited`` with Clerk's Retry-After; timeouts, connection errors and
+  5xx -> ``AuthProviderUnavailable``; anything else -> ``AuthProviderError``.
+- Request bodies (which carry passwords) are never logged or put in an error. Log lines name the method, the
+  path template, the status, the time taken and Clerk's trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import requests
+from flask import current_app
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from iris.errors import (
+    AuthProviderError,
+    AuthProviderUnavailable,
+    EmailTaken,
+    IrisError,
+    RateLimited,
+    ValidationFailed,
+)
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2025-11-10"
+# (connect, read) seconds. gunicorn's worker timeout is 30 s; a registration makes at most three calls.
+DEFAULT_TIMEOUT = (3.05, 8.0)
+
+PASSWORD_CODES = {
+    "form_password_length_too_short": "password_too_short",
+    "form_password_length_too_long": "password_too_long",
+    "form_password_size_in_bytes_exceeded": "password_too_long",
+    "form_password_pwned": "password_breached",
+    "form_password_not_strong_enough": "password_too_weak",
+    "form_password_matches_identifier": "password_matches_email",
+}
+
+# One retry, only where it cannot duplicate anything or stretch a slow call: a connection that could not be
+# opened, so the request never left. (urllib3 already drops kept-alive sockets the server has closed.)
+RETRIES = Retry(total=1, connect=1, read=0, status=0, other=0)
+
+_local = threading.local()
+
+
+def http_session() -> requests.Session:
+    """This thread's keep-alive session, created on first use in the current process."""
+    session = getattr(_local, "session", None)
+    if session is None or _local.pid != os.getpid():
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=RETRIES)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        _local.session, _local.pid = session, os.getpid()
+    return session
+
+
+def create_user(email: str, password: str, external_id: str) -> dict[str, Any]:
+    """Create a Clerk user with this email and password, linked to our row by ``external_id``.
+
+    Side effect: a user at Clerk. When this raises ``AuthProviderUnavailable`` or ``AuthProviderError`` the
+    user may or may not exist (the answer was lost); find it with ``find_users(external_id=...)``.
+    """
+    return _call(
+        "POST",
+        "/users",
+        json={"email_address": [email], "password": password, "external_id": external_id},
+    )
+
+
+def delete_user(clerk_user_id: str) -> bool:
+    """Delete a Clerk user. Returns False when Clerk has no such user (already gone)."""
+    try:
+        _call("DELETE", f"/users/{clerk_user_id}", path_template="/users/{id}")
+    except NotFoundAtClerk:
+        return False
+    return True
+
+
+def find_users(*, email: str | None = None, external_id: str | None = None) -> list[dict[str, Any]]:
+    """Clerk users matching an email address or an external_id (at most 10)."""
+    params = {}
+    if email is not None:
+        params["email_address"] = email
+    if external_id is not None:
+        params["external_id"] = external_id
+    users = _call("GET", "/users", params=params)
+    if not isinstance(users, list):
+        raise AuthProviderError()
+    return users
+
+
+def get_jwks() -> dict[str, Any]:
+    """The instance's JSON Web Key Set (session-token signing keys)."""
+    return _call("GET", "/jwks")
+
+
+def create_session(clerk_user_id: str) -> dict[str, Any]:
+    """A session for a user (Clerk allows this on development instances only; for testing)."""
+    return _call("POST", "/sessions", json={"user_id": clerk_user_id})
+
+
+def create_session_token(session_id: str) -> str:
+    """A fresh session token (JWT) for a session."""
+    token = _call("POST", f"/sessions/{session_id}/tokens", path_template="/sessions/{id}/tokens")
+    return token["jwt"]
+
+
+class ClerkRefused(AuthProviderError):
+    """Clerk answered a 4xx we cannot use (bad key, unexpected code). Clerk changed nothing."""
+
+
+class NotFoundAtClerk(ClerkRefused):
+    """Clerk answered 404 ``resource_not_found``; unhandled, it is an unusable answer (502)."""
+
+
+def answer_was_lost(error: IrisError) -> bool:
+    """True when Clerk may have carried out the request although the call raised ``error``.
+
+    Timeouts, dropped connections, 5xx and unreadable 2xx bodies leave the outcome unknown; every 4xx
+    (validation, taken, rate limit, bad key) is a definite refusal.
+    """
+    if isinstance(error, AuthProviderUnavailable):
+        return True
+    return isinstance(error, AuthProviderError) and not isinstance(error, ClerkRefused)
+
+
+def _call(
+    method: str,
+    path: str,
+    *,
+    json: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+    path_template: str | None = None,
+) -> Any:
+    config = current_app.config
+    url = config["CLERK_API_URL"] + "/v1" + path
+    headers = {
+        "Authorization": f"Bearer {config['CLERK_SECRET_KEY']}",
+        "Clerk-API-Version": API_VERSION,
+        "Accept": "application/json",
+    }
+    timeout = config.get("CLERK_TIMEOUT", DEFAULT_TIMEOUT)
+    label = f"{method} {path_template or path}"
+    started = time.perf_counter()
+    try:
+        response = http_session().request(
+            method, url, json=json, params=params, headers=headers, timeout=timeout
+        )
+    except requests.Timeout:
+        log.warning("clerk %s timed out after %.0f ms", label, _ms(started))
+        raise AuthProviderUnavailable(retry_after=5) from None
+    except requests.RequestException as error:
+        log.warning("clerk %s failed: %s", label, type(error).__name__)
+        raise AuthProviderUnavailable(retry_after=5) from None
+
+    body = _json_or_none(response)
+    trace_id = body.get("clerk_trace_id") if isinstance(body, dict) else None
+    log.info("clerk %s -> %s in %.0f ms (trace %s)", label, response.status_code, _ms(started), trace_id)
+    if response.ok:
+        if body is None:
+            raise AuthProviderError()
+        return body
+    raise _error_for(response.status_code, body, response.headers.get("Retry-After"))
+
+
+def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
+    errors = body.get("errors") if isinstance(body, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    code = first.get("code", "")
+    if status == 429:
+        return RateLimited(retry_after=_seconds(retry_after))
+    if status >= 500:
+        return AuthProviderUnavailable(retry_after=_seconds(retry_after))
+    if status == 404 and code == "resource_not_found":
+        return NotFoundAtClerk()
+    if code == "form_identifier_exists" and _param(first) in (None, "email_address"):
+        return EmailTaken()
+    if code in PASSWORD_CODES or code.startswith("form_password_"):
+        message = first.get("long_message") or first.get("message") or "Choose another password."
+        detail = {"field": "password", "code": PASSWORD_CODES.get(code, "password_rejected")}
+        return ValidationFailed(details=[{**detail, "message": message}])
+    if code == "form_param_format_invalid" and _param(first) == "email_address":
+        return ValidationFailed(
+            details=[{"field": "email", "code": "invalid_email", "message": "Enter a valid email address."}]
+        )
+    log.error("clerk answered %s %s; treating it as unusable", status, code or "(no code)")
+    return ClerkRefused()
+
+
+def _param(error: dict[str, Any]) -> str | None:
+    meta = error.get("meta")
+    return meta.get("param_name") if isinstance(meta, dict) else None
+
+
+def _json_or_none(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _seconds(value: str | None, default: int = 5) -> int:
+    try:
+        return max(1, int(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

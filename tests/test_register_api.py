@@ -1,0 +1,322 @@
+"""POST /api/v1/auth/register: every row of the status table that can happen here, end to end.
+
+Clerk is the stand-in over real HTTP; the database is real PostgreSQL. After every failure the tests check
+that nothing was left behind: no row here and no user at Clerk.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from iris.clerk_standin import DEFAULT_SECRET_KEY
+from iris.extensions import db
+from tests.conftest import make_test_app
+
+PASSWORD = "correct horse battery staple"
+URL = "/api/v1/auth/register"
+
+
+def clerk_users(standin, **params) -> list[dict]:
+    """Users the stand-in holds, read over its Backend API like any Clerk client would."""
+    response = requests.get(
+        standin.api_url + "/users",
+        params={"limit": 500, **params},
+        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
+        timeout=5,
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def rows(app) -> list[sa.Row]:
+    with app.app_context():
+        return db.session.execute(
+            sa.text("SELECT id, email, clerk_user_id, role, deleted_at FROM users")
+        ).all()
+
+
+def clerk_posts(standin) -> int:
+    return standin.control.stats()["requests"].get("POST /v1/users", 0)
+
+
+def assert_nothing_left(app, standin):
+    assert rows(app) == []
+    assert clerk_users(standin) == []
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    error = response.json["error"]
+    assert error["code"] == code
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    return error
+
+
+def test_register_creates_the_clerk_user_and_the_row_pointing_at_each_other(app, client, standin):
+    response = client.post(URL, json={"email": "owner@bistro.example", "password": PASSWORD})
+
+    assert response.status_code == 201
+    body = response.json
+    assert set(body) == {"id", "email", "clerk_user_id", "role", "created_at", "updated_at"}
+    assert body["email"] == "owner@bistro.example"
+    assert body["role"] == "restaurant"
+    assert response.headers["Location"] == f"/api/v1/users/{body['id']}"
+    # November in Stockholm is winter time.
+    assert datetime.fromisoformat(body["created_at"]).utcoffset().total_seconds() == 3600
+    assert body["created_at"].endswith("+01:00")
+
+    [row] = rows(app)
+    assert str(row.id) == body["id"]
+    assert row.clerk_user_id == body["clerk_user_id"]
+    [clerk_user] = clerk_users(standin)
+    assert clerk_user["id"] == body["clerk_user_id"]
+    assert clerk_user["external_id"] == body["id"]
+    assert clerk_user["email_addresses"][0]["email_address"] == "owner@bistro.example"
+    assert clerk_user["password_enabled"] is True
+
+
+def test_email_is_normalised_before_it_reaches_clerk_or_the_database(app, client, standin):
+    response = client.post(URL, json={"email": "  Owner@Bistro.EXAMPLE ", "password": PASSWORD})
+    assert response.status_code == 201
+    assert response.json["email"] == "owner@bistro.example"
+    assert rows(app)[0].email == "owner@bistro.example"
+    assert clerk_users(standin)[0]["email_addresses"][0]["email_address"] == "owner@bistro.example"
+
+
+def test_role_restaurant_may_be_given(client):
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD, "role": "restaurant"})
+    assert response.status_code == 201
+    assert response.json["role"] == "restaurant"
+
+
+@pytest.mark.parametrize("role", ["admin", "owner", 7])
+def test_roles_outside_iris_signup_roles_are_refused(app, client, standin, role):
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD, "role": role})
+    error = assert_error(response, 422, "validation_error")
+    assert error["details"] == [
+        {"field": "role", "code": "role_not_allowed", "message": "Choose one of: restaurant."}
+    ]
+    assert clerk_posts(standin) == 0
+    assert_nothing_left(app, standin)
+
+
+def test_invalid_json_is_400(client):
+    response = client.post(URL, data='{"email": ', content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("body", ["[]", '"text"', "null"])
+def test_json_that_is_not_an_object_is_400(client, body):
+    response = client.post(URL, data=body, content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_json_is_415(client, content_type):
+    response = client.post(
+        URL, data='{"email": "a@b.example"}', headers={"Content-Type": content_type} if content_type else {}
+    )
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_an_oversized_body_is_413(client, standin):
+    response = client.post(
+        URL, json={"email": "a@b.example", "password": "x" * 70_000}, content_type="application/json"
+    )
+    assert_error(response, 413, "payload_too_large")
+    assert clerk_posts(standin) == 0
+
+
+def test_missing_fields_are_all_reported_at_once(client, standin):
+    error = assert_error(client.post(URL, json={}), 422, "validation_error")
+    assert error["details"] == [
+        {"field": "email", "code": "required", "message": "Enter your email address."},
+        {"field": "password", "code": "required", "message": "Enter a password."},
+    ]
+    assert clerk_posts(standin) == 0
+
+
+@pytest.mark.parametrize("email", ["not-an-email", "a@", "@b.example", "a b@c.example", 42, "a@b..example"])
+def test_bad_email_is_422_and_never_reaches_clerk(client, standin, email):
+    error = assert_error(
+        client.post(URL, json={"email": email, "password": PASSWORD}), 422, "validation_error"
+    )
+    assert error["details"][0]["field"] == "email"
+    assert error["details"][0]["code"] == "invalid_email" if isinstance(email, str) else "required"
+    assert clerk_posts(standin) == 0
+
+
+def test_email_validation_makes_no_dns_lookup(client, monkeypatch):
+    import dns.resolver
+
+    def no_dns(*args, **kwargs):
+        raise AssertionError("DNS lookup attempted")
+
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", no_dns)
+    response = client.post(URL, json={"email": "owner@nxdomain-iris-7f3a.com", "password": PASSWORD})
+    assert response.status_code == 201
+
+
+def test_unknown_fields_are_rejected(client, standin):
+    error = assert_error(
+        client.post(URL, json={"email": "a@b.example", "password": PASSWORD, "is_admin": True}),
+        422,
+        "validation_error",
+    )
+    assert error["details"] == [
+        {"field": "is_admin", "code": "unknown_field", "message": "This field is not accepted."}
+    ]
+    assert clerk_posts(standin) == 0
+
+
+@pytest.mark.parametrize(
+    ("password", "code", "message"),
+    [
+        ("short", "password_too_short", "Passwords must be 8 characters or more."),
+        (
+            "password123",
+            "password_breached",
+            "Password has been found in an online data breach. For account safety, please use a "
+            "different password.",
+        ),
+    ],
+)
+def test_clerk_password_rules_come_back_on_the_password_field(app, client, standin, password, code, message):
+    error = assert_error(
+        client.post(URL, json={"email": "a@b.example", "password": password}), 422, "validation_error"
+    )
+    assert error["details"] == [{"field": "password", "code": code, "message": message}]
+    assert clerk_posts(standin) == 1
+    assert_nothing_left(app, standin)
+
+
+def test_email_taken_locally_is_409_without_calling_clerk(app, client, standin):
+    assert client.post(URL, json={"email": "a@b.example", "password": PASSWORD}).status_code == 201
+    response = client.post(URL, json={"email": "A@B.example", "password": PASSWORD + "!"})
+    assert_error(response, 409, "email_taken")
+    assert clerk_posts(standin) == 1
+    assert len(rows(app)) == 1
+
+
+def test_email_taken_only_at_clerk_is_409_and_leaves_no_row(app, client, standin):
+    requests.post(
+        standin.api_url + "/users",
+        json={"email_address": ["a@b.example"], "password": PASSWORD},
+        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
+        timeout=5,
+    ).raise_for_status()
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 409, "email_taken")
+    assert rows(app) == []
+    assert len(clerk_users(standin)) == 1  # the other system's user is not ours to touch
+
+
+def test_a_soft_deleted_account_frees_its_email(app, client, standin):
+    first = client.post(URL, json={"email": "a@b.example", "password": PASSWORD}).json
+    with app.app_context():
+        db.session.execute(sa.text("UPDATE users SET deleted_at = now()"))
+        db.session.commit()
+    requests.delete(
+        f"{standin.api_url}/users/{first['clerk_user_id']}",
+        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
+        timeout=5,
+    ).raise_for_status()
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert response.status_code == 201
+    assert response.json["id"] != first["id"]
+
+
+def test_clerk_429_is_429_with_clerks_retry_after(app, client, standin):
+    standin.control.add_fault(method="POST", path="/v1/users", status=429, retry_after=17, times=1)
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 429, "rate_limited")
+    assert response.headers["Retry-After"] == "17"
+    assert_nothing_left(app, standin)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_clerk_5xx_is_503_and_leaves_nothing(app, client, standin, status):
+    standin.control.add_fault(method="POST", path="/v1/users", status=status, times=1)
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 503, "auth_provider_unavailable")
+    assert response.headers["Retry-After"]
+    assert_nothing_left(app, standin)
+
+
+def test_clerk_timing_out_is_503_and_leaves_nothing(app, client, standin):
+    standin.control.add_fault(method="POST", path="/v1/users", action="hang", seconds=3, times=1)
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 503, "auth_provider_unavailable")
+    assert_nothing_left(app, standin)
+
+
+def test_clerk_dropping_the_connection_is_503_and_leaves_nothing(app, client, standin):
+    standin.control.add_fault(method="POST", path="/v1/users", action="drop", times=1)
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 503, "auth_provider_unavailable")
+    assert_nothing_left(app, standin)
+
+
+def test_clerk_answering_garbage_is_502_and_leaves_nothing(app, client, standin):
+    standin.control.add_fault(method="POST", path="/v1/users", action="garbage", times=1)
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 502, "auth_provider_error")
+    assert_nothing_left(app, standin)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 500},
+        {"action": "drop"},
+        {"action": "garbage"},
+        {"action": "hang", "seconds": 3},
+    ],
+)
+def test_clerk_creating_the_user_and_losing_the_answer_leaves_nothing(app, client, standin, fault):
+    standin.control.add_fault(method="POST", path="/v1/users", after_commit=True, times=1, **fault)
+    response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert response.status_code in (502, 503)
+    # The user Clerk did create was found by external_id and deleted again.
+    assert_nothing_left(app, standin)
+    assert standin.control.stats()["requests"]["DELETE /v1/users/<user_id>"] == 1
+    # And the email is free for the next attempt at once.
+    assert client.post(URL, json={"email": "a@b.example", "password": PASSWORD}).status_code == 201
+
+
+def test_wrong_clerk_secret_key_is_502(schema, standin):
+    app = make_test_app(schema, CLERK_SECRET_KEY="sk_test_wrong")
+    from tests.conftest import migrate
+
+    migrate(app)
+    response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 502, "auth_provider_error")
+    assert_nothing_left(app, standin)
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_clerk_unreachable_is_503(schema):
+    app = make_test_app(schema, CLERK_API_URL="http://127.0.0.1:1")
+    from tests.conftest import migrate
+
+    migrate(app)
+    response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(response, 503, "auth_provider_unavailable")
+    # Clerk could not be asked whether it holds a user, so the reservation stays for reconcile.
+    assert [row.clerk_user_id for row in rows(app)] == [None]
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_database_down_is_503_and_clerk_is_never_called(schema, standin):
+    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/x")
+    response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    error = assert_error(response, 503, "database_unavailable")
+    assert response.headers["Retry-After"] == "5"
+    assert "127.0.0.1" not in error["message"]
+    assert clerk_posts(standin) == 0
