@@ -25,6 +25,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.from_mapping(
         MAX_CONTENT_LENGTH=64 * 1024,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        # Browsers send a Secure cookie only over https: everywhere but the local development server.
+        SESSION_COOKIE_SECURE=not app.debug,
         IRIS_TIMEZONE="Europe/Stockholm",
         IRIS_SIGNUP_ROLES=["restaurant"],
         IRIS_PROXY_HOPS=0,

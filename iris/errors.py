@@ -20,6 +20,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from flask import Flask, Response, g, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from iris.extensions import db
@@ -172,6 +173,8 @@ def handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     if status == 500:
         return handle_unexpected(error)
+    if isinstance(error, CSRFError):
+        return error_response(400, "csrf_failed", "This form has expired. Reload the page and try again.")
     code = HTTP_CODES.get(status) or (error.name or "error").lower().replace(" ", "_")
     message = HTTP_MESSAGES.get(status) or error.name or "Error"
     headers = {}

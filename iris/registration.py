@@ -127,7 +127,8 @@ def _validate(email: object, password: object, role: object) -> tuple[str, str]:
             details.append(_detail("email", "invalid_email", "Enter a valid email address."))
     if not isinstance(password, str) or password == "":
         details.append(_detail("password", "required", "Enter a password."))
-    allowed = current_app.config["IRIS_SIGNUP_ROLES"]
+    # Admins are never self-registered, whatever the configuration says.
+    allowed = [name for name in current_app.config["IRIS_SIGNUP_ROLES"] if name != "admin"]
     if role is None:
         role = "restaurant"
     if role not in allowed:

@@ -1,10 +1,53 @@
-"""Server-rendered pages."""
+"""Server-rendered pages. Views call the same service as the API and show its errors at their fields."""
 
-from flask import Blueprint, render_template
+from __future__ import annotations
+
+from flask import Blueprint, current_app, redirect, render_template, session, url_for
+
+from iris import registration
+from iris.errors import EmailTaken, ValidationFailed
+from iris.forms import SignupForm
 
 bp = Blueprint("web", __name__)
+
+ROLE_LABELS = {"restaurant": "Restaurant"}
 
 
 @bp.get("/")
 def home():
     return render_template("home.html")
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+def signup():
+    """The sign-up form. Success redirects (303) to the confirmation page; field problems re-render the form
+    with 422 (409 for a taken email), the typed email kept and the password never sent back. Clerk or the
+    database being down reaches the app's error page (503)."""
+    form = SignupForm()
+    roles = current_app.config["IRIS_SIGNUP_ROLES"]
+    if len(roles) > 1:
+        form.role.choices = [(role, ROLE_LABELS.get(role, role.title())) for role in roles]
+    else:
+        del form.role
+    status = 200
+    if form.validate_on_submit():
+        role = form.role.data if "role" in form else None
+        try:
+            user = registration.register(form.email.data or "", form.password.data or "", role)
+        except ValidationFailed as error:
+            for detail in error.details:
+                form[detail["field"]].errors.append(detail["message"])
+            status = 422
+        except EmailTaken as error:
+            form.email.errors.append(error.message)
+            status = 409
+        else:
+            session["signed_up_email"] = user.email
+            return redirect(url_for("web.signup_done"), code=303)
+    return render_template("signup.html", form=form), status
+
+
+@bp.get("/signup/done")
+def signup_done():
+    """What happens next. Shows the new account's email once (taken from the session)."""
+    return render_template("signup_done.html", email=session.pop("signed_up_email", None))

@@ -32,13 +32,21 @@ def admin_engine() -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+# Apps made during the current test; their engines are closed before the test's schema is dropped.
+_apps: list[Flask] = []
+
+
 @pytest.fixture
 def schema(admin_engine: sa.Engine) -> Iterator[str]:
-    """A throwaway schema, dropped after the test."""
+    """A throwaway schema, dropped after the test (after closing every app engine the test made)."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with admin_engine.begin() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{name}"'))
     yield name
+    while _apps:
+        with _apps.pop().app_context():
+            db.session.remove()
+            db.engine.dispose()
     with admin_engine.begin() as connection:
         connection.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
 
@@ -78,7 +86,9 @@ def make_test_app(schema: str, **overrides) -> Flask:
         "CLERK_TIMEOUT": (1.0, 1.5),
     }
     settings.update(overrides)
-    return create_app(settings)
+    app = create_app(settings)
+    _apps.append(app)
+    return app
 
 
 def migrate(app: Flask) -> None:
@@ -87,13 +97,10 @@ def migrate(app: Flask) -> None:
 
 
 @pytest.fixture
-def app(schema: str) -> Iterator[Flask]:
+def app(schema: str) -> Flask:
     app = make_test_app(schema)
     migrate(app)
-    yield app
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    return app
 
 
 @pytest.fixture

@@ -80,7 +80,8 @@ def test_page_errors_are_html_in_the_site_layout(probe_client):
     assert response.status_code == 404
     assert response.mimetype == "text/html"
     page = response.get_data(as_text=True)
-    assert "<title>404" in page
+    assert "<title>Nothing is here. · Iris</title>" in page
+    assert "Error 404" in page
     assert 'class="site-header"' in page
     assert response.headers["X-Request-ID"]
 

@@ -296,8 +296,6 @@ def test_wrong_clerk_secret_key_is_502(schema, standin):
     response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 502, "auth_provider_error")
     assert_nothing_left(app, standin)
-    with app.app_context():
-        db.engine.dispose()
 
 
 def test_clerk_unreachable_is_503(schema):
@@ -309,8 +307,6 @@ def test_clerk_unreachable_is_503(schema):
     assert_error(response, 503, "auth_provider_unavailable")
     # Clerk could not be asked whether it holds a user, so the reservation stays for reconcile.
     assert [row.clerk_user_id for row in rows(app)] == [None]
-    with app.app_context():
-        db.engine.dispose()
 
 
 def test_database_down_is_503_and_clerk_is_never_called(schema, standin):

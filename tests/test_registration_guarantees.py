@@ -126,8 +126,6 @@ def test_database_lost_during_the_clerk_call_undoes_clerk_and_reconcile_cleans_u
     assert counts == {"completed": 0, "removed": 1, "failed": 0}
     assert rows(app) == []
     assert app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD}).status_code == 201
-    with app.app_context():
-        db.engine.dispose()
     proxy.close()
 
 
@@ -213,8 +211,6 @@ def test_reconcile_exits_non_zero_when_clerk_is_unreachable(app, schema, standin
     result = app.test_cli_runner().invoke(args=["iris", "reconcile"])
     assert result.exit_code == 1
     assert "failed 1" in result.output
-    with app.app_context():
-        db.engine.dispose()
 
 
 def serve(app):
