@@ -33,6 +33,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         IRIS_SIGNUP_ROLES=["restaurant"],
         IRIS_PROXY_HOPS=0,
         DATABASE_URL_DIRECT=None,
+        # Rate limits per client IP. Counters live in RATELIMIT_STORAGE_URI: memory:// is per process, so
+        # several gunicorn workers need a shared store (redis://...). If the store fails, requests go on
+        # with per-process counters rather than failing.
+        RATELIMIT_STORAGE_URI="memory://",
+        RATELIMIT_DEFAULT="300 per minute",
+        RATELIMIT_REGISTER="10 per minute; 50 per hour",
+        RATELIMIT_HEADERS_ENABLED=True,
+        RATELIMIT_SWALLOW_ERRORS=True,
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
     if test_config is None:
         os.makedirs(app.instance_path, exist_ok=True)
@@ -49,19 +58,23 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
 
     from iris import models  # registers the models with db.metadata
-    from iris.extensions import csrf, db, migrate
+    from iris.extensions import csrf, db, limiter, migrate
 
     db.init_app(app)
     migrate.init_app(app, db)
     csrf.init_app(app)
+    limiter.init_app(app)
 
-    from iris import api, cli, errors, ops, web
+    from iris import api, cli, errors, observability, ops, security, web
 
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # the JSON API is not cookie-authenticated for writes; forms keep CSRF
     app.register_blueprint(ops.bp)
+    limiter.exempt(ops.bp)  # load balancers poll these
     app.register_blueprint(web.bp)
     errors.init_app(app)
+    observability.init_app(app)
+    security.init_app(app)
     cli.init_app(app)
     app.add_template_filter(models.local_isoformat, "localtime")
 

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, request
 
 from iris import registration
 from iris.errors import IrisError, ValidationFailed
+from iris.extensions import limiter, register_limit
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -39,6 +40,7 @@ def json_object() -> dict[str, Any]:
 
 
 @bp.post("/auth/register")
+@limiter.shared_limit(register_limit, scope="register")
 def register():
     """Create an account: ``{email, password, role?}`` -> 201 with the user JSON and its Location."""
     body = json_object()

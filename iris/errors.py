@@ -14,16 +14,19 @@ new id is generated, so a client, the logs and an error body all name the same r
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 import uuid
 from typing import Any
 
 import sqlalchemy.exc
 from flask import Flask, Response, g, jsonify, render_template, request
+from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from iris.extensions import db
+from iris.extensions import db, limiter
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ def error_response(
         response = jsonify(error=body)
     else:
         response = Response(
-            render_template("error.html", status=status, code=code, message=message),
+            render_template("error.html", status=status, code=code, message=message, retry_after=retry_after),
             mimetype="text/html",
         )
     response.status_code = status
@@ -173,6 +176,8 @@ def handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     if status == 500:
         return handle_unexpected(error)
+    if isinstance(error, RateLimitExceeded):
+        return handle_iris_error(RateLimited(retry_after=seconds_until_limit_resets()))
     if isinstance(error, CSRFError):
         return error_response(400, "csrf_failed", "This form has expired. Reload the page and try again.")
     code = HTTP_CODES.get(status) or (error.name or "error").lower().replace(" ", "_")
@@ -181,6 +186,11 @@ def handle_http_exception(error: HTTPException) -> Response:
     if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
         headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
     return error_response(status, code, message, headers=headers)
+
+
+def seconds_until_limit_resets() -> int:
+    current = limiter.current_limit
+    return max(1, math.ceil(current.reset_at - time.time())) if current is not None else 60
 
 
 def handle_database_unreachable(error: Exception) -> Response:

@@ -1,6 +1,9 @@
 """Flask extensions, created unbound here and bound to the app in ``create_app``."""
 
 import sqlalchemy as sa
+from flask import current_app
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from flask_wtf.csrf import CSRFProtect
@@ -23,3 +26,11 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 csrf = CSRFProtect()
+# Per client IP (request.remote_addr, which ProxyFix corrects behind trusted proxies). Storage, defaults and
+# switches come from the app config: RATELIMIT_STORAGE_URI, RATELIMIT_DEFAULT, RATELIMIT_ENABLED, ...
+limiter = Limiter(key_func=get_remote_address)
+
+
+def register_limit() -> str:
+    """The limit shared by every way to register (API and sign-up page), from RATELIMIT_REGISTER."""
+    return current_app.config["RATELIMIT_REGISTER"]

@@ -6,6 +6,7 @@ from flask import Blueprint, current_app, redirect, render_template, session, ur
 
 from iris import registration
 from iris.errors import EmailTaken, ValidationFailed
+from iris.extensions import limiter, register_limit
 from iris.forms import SignupForm
 
 bp = Blueprint("web", __name__)
@@ -19,6 +20,7 @@ def home():
 
 
 @bp.route("/signup", methods=["GET", "POST"])
+@limiter.shared_limit(register_limit, scope="register", methods=["POST"])
 def signup():
     """The sign-up form. Success redirects (303) to the confirmation page; field problems re-render the form
     with 422 (409 for a taken email), the typed email kept and the password never sent back. Clerk or the

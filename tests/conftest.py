@@ -84,6 +84,8 @@ def make_test_app(schema: str, **overrides) -> Flask:
         "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
         # Short timeouts keep the hang tests quick; production uses iris.clerk.DEFAULT_TIMEOUT.
         "CLERK_TIMEOUT": (1.0, 1.5),
+        # Every test client is 127.0.0.1; the rate-limit tests switch limits back on.
+        "RATELIMIT_ENABLED": False,
     }
     settings.update(overrides)
     app = create_app(settings)
