@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, abort, current_app, g, request, url_for
 
-from iris import registration
+from iris import auth, registration
 from iris.errors import IrisError, ValidationFailed
 from iris.extensions import limiter, register_limit
 
@@ -53,5 +54,26 @@ def register():
             ]
         )
     user = registration.register(body.get("email"), body.get("password"), body.get("role"))
-    location = f"{bp.url_prefix}/users/{user.id}"
+    location = url_for("api.get_user", user_id=user.id)
     return user.to_dict(current_app.config["IRIS_TIMEZONE"]), 201, {"Location": location}
+
+
+@bp.get("/users/me")
+@auth.require_user
+def get_me():
+    """The signed-in user (Clerk session token in ``Authorization: Bearer`` or the ``__session`` cookie)."""
+    return g.user.to_dict(current_app.config["IRIS_TIMEZONE"])
+
+
+@bp.get("/users/<uuid:user_id>")
+@auth.require_user
+def get_user(user_id: uuid.UUID):
+    """One user: yourself, or anyone when you are an admin (``auth.user_visible_to``).
+
+    Anything else is 404 ``not_found``, exactly like an id that does not exist, so the answer never tells
+    whether an id is taken.
+    """
+    user = auth.user_visible_to(g.user, user_id)
+    if user is None:
+        abort(404)
+    return user.to_dict(current_app.config["IRIS_TIMEZONE"])

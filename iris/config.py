@@ -103,6 +103,7 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
             + ", ".join(unknown)
             + "."
         )
+    _check_clerk_keys(settings)
     if "RATELIMIT_STORAGE_URI" in env:
         settings["RATELIMIT_STORAGE_URI"] = env["RATELIMIT_STORAGE_URI"]
     if "DATABASE_URL" in env:
@@ -130,6 +131,19 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
             " for the development defaults."
         )
     return settings
+
+
+def _check_clerk_keys(settings: Mapping[str, Any]) -> None:
+    """Refuse to start with a malformed CLERK_PUBLISHABLE_KEY or CLERK_JWT_KEY (iris.auth decodes them)."""
+    from iris import auth  # imported here: iris.auth needs the models, which need more than config
+
+    try:
+        if settings["CLERK_PUBLISHABLE_KEY"]:
+            auth.issuer_from_publishable_key(settings["CLERK_PUBLISHABLE_KEY"])
+        if settings["CLERK_JWT_KEY"]:
+            auth.load_jwt_key(settings["CLERK_JWT_KEY"])
+    except ConfigError as error:
+        raise ConfigError(f"Iris cannot start: {error}") from None
 
 
 def _split(value: str) -> list[str]:

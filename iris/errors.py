@@ -37,7 +37,8 @@ class IrisError(Exception):
     """An error with a status, a stable machine-readable ``code`` and a message safe to show anyone.
 
     ``details`` lists field problems (``{"field", "code", "message"}``); ``retry_after`` (seconds) becomes a
-    ``Retry-After`` header. Messages must never contain a password, token or key.
+    ``Retry-After`` header; ``headers`` are added to the response as they are. Messages must never contain a
+    password, token or key.
     """
 
     status_code = 500
@@ -55,6 +56,7 @@ class IrisError(Exception):
             self.message = message
         self.details = details or []
         self.retry_after = retry_after
+        self.headers: dict[str, str] = {}
         super().__init__(self.message)
 
 
@@ -169,6 +171,7 @@ def handle_iris_error(error: IrisError) -> Response:
         error.message,
         details=error.details,
         retry_after=error.retry_after,
+        headers=error.headers,
     )
 
 

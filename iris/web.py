@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, redirect, render_template, session, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, session, url_for
 
-from iris import registration
+from iris import auth, registration
 from iris.errors import EmailTaken, ValidationFailed
 from iris.extensions import limiter, register_limit
 from iris.forms import SignupForm
@@ -53,3 +53,11 @@ def signup():
 def signup_done():
     """What happens next. Shows the new account's email once (taken from the session)."""
     return render_template("signup_done.html", email=session.pop("signed_up_email", None))
+
+
+@bp.get("/account")
+def account():
+    """The signed-in user's account (Clerk's ``__session`` cookie, as a browser sends it), or a signed-out
+    page. A deleted account is a 403 page; Clerk or the database unreachable, a 503 page."""
+    g.user = auth.current_user()
+    return render_template("account.html", user=g.user, timezone=current_app.config["IRIS_TIMEZONE"])

@@ -84,6 +84,15 @@ def test_admins_and_unknown_roles_can_never_be_self_registered(tmp_path, roles):
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("CLERK_PUBLISHABLE_KEY", "pk_test_bm90LWEtaG9zdA"), ("CLERK_JWT_KEY", "not a pem")]
+)
+def test_malformed_clerk_keys_stop_start_up(tmp_path, name, value):
+    environ = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x", name: value}
+    with pytest.raises(config.ConfigError, match=f"Iris cannot start: {name}"):
+        config.from_environment(environ, development=False, instance_path=str(tmp_path))
+
+
 def test_a_non_numeric_proxy_hop_count_is_a_clear_error(tmp_path):
     environ = {
         "DATABASE_URL": "sqlite://",
