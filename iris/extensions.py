@@ -26,11 +26,19 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 csrf = CSRFProtect()
-# Per client IP (request.remote_addr, which ProxyFix corrects behind trusted proxies). Storage, defaults and
-# switches come from the app config: RATELIMIT_STORAGE_URI, RATELIMIT_DEFAULT, RATELIMIT_ENABLED, ...
-limiter = Limiter(key_func=get_remote_address)
+
+
+def default_limit() -> str:
+    """The limit on every route without one of its own, from RATELIMIT_DEFAULT."""
+    return current_app.config["RATELIMIT_DEFAULT"]
 
 
 def register_limit() -> str:
     """The limit shared by every way to register (API and sign-up page), from RATELIMIT_REGISTER."""
     return current_app.config["RATELIMIT_REGISTER"]
+
+
+# Per client IP (request.remote_addr, which ProxyFix corrects behind trusted proxies). Storage and switches
+# come from the app config (RATELIMIT_STORAGE_URI, RATELIMIT_ENABLED, ...). The limits are read from the
+# config on each request: Flask-Limiter would otherwise keep the first app's defaults for every later app.
+limiter = Limiter(key_func=get_remote_address, default_limits=[default_limit])
