@@ -120,7 +120,14 @@ def create_session_token(session_id: str) -> str:
 
 
 class ClerkRefused(AuthProviderError):
-    """Clerk answered a 4xx we cannot use (bad key, unexpected code). Clerk changed nothing."""
+    """Clerk answered a 4xx we cannot use (bad key, unexpected code). Clerk changed nothing.
+
+    ``status`` is Clerk's HTTP status (401: the secret key is invalid).
+    """
+
+    def __init__(self, status: int | None = None) -> None:
+        super().__init__()
+        self.status = status
 
 
 class NotFoundAtClerk(ClerkRefused):
@@ -186,7 +193,7 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
     if status >= 500:
         return AuthProviderUnavailable(retry_after=_seconds(retry_after))
     if status == 404 and code == "resource_not_found":
-        return NotFoundAtClerk()
+        return NotFoundAtClerk(status)
     if code == "form_identifier_exists" and _param(first) in (None, "email_address"):
         return EmailTaken()
     if code in PASSWORD_CODES or code.startswith("form_password_"):
@@ -198,7 +205,7 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
             details=[{"field": "email", "code": "invalid_email", "message": "Enter a valid email address."}]
         )
     log.error("clerk answered %s %s; treating it as unusable", status, code or "(no code)")
-    return ClerkRefused()
+    return ClerkRefused(status)
 
 
 def _param(error: dict[str, Any]) -> str | None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 import click
-from flask import Flask
+import sqlalchemy as sa
+from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from iris import clerk, registration
-from iris.errors import IrisError
+from iris.config import database_uri, direct_engine
+from iris.errors import AuthProviderError, AuthProviderUnavailable, IrisError, RateLimited
+from iris.extensions import db
 from iris.models import normalise_email
 
 iris_cli = AppGroup("iris", help="Iris operations.")
@@ -63,6 +68,135 @@ def _create_session(clerk_user_id: str) -> dict:
 def _fail(message: str) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     raise SystemExit(1)
+
+
+# sslmode values with which libpq must not connect without SSL.
+SSL_REQUIRED_MODES = ("require", "verify-ca", "verify-full")
+
+
+class CheckFailed(Exception):
+    """One check of ``flask iris check`` failed; the message says why and holds no secret."""
+
+
+@iris_cli.command("check")
+def check_command() -> None:
+    """Test the connections production needs, one round trip each, and print a verdict.
+
+    Checks, each with its time in ms: the pooled database URL (DATABASE_URL, through the app's own engine and
+    its connect timeout); the direct URL (DATABASE_URL_DIRECT, as migrations connect) when it is set; and the
+    Clerk secret key (one authenticated GET /v1/jwks). A database check reports the server version and whether
+    the connection is encrypted, and fails when sslmode (in the URL, or PGSSLMODE) requires SSL but the
+    connection does not use it. Passwords are masked; keys and tokens are never printed.
+
+    Exit status: 0 when every check passed, 1 when any failed.
+    """
+    config = current_app.config
+    direct = config.get("DATABASE_URL_DIRECT")
+    key = config["CLERK_SECRET_KEY"]
+    secrets = [secret for secret in (*_passwords(db.engine.url), *_passwords(direct or ""), key) if secret]
+    passed = [_run("database (pooled)", _shown(db.engine.url), lambda: _check_database(db.engine), secrets)]
+    if direct:
+        shown = _shown(database_uri(direct))
+        passed.append(_run("database (direct)", shown, lambda: _check_direct(direct), secrets))
+    else:
+        click.echo("database (direct)  not set, migrations use the pooled URL")
+    passed.append(_run("clerk", f"{config['CLERK_API_URL']}, {_key_kind(key)}", _check_clerk, secrets))
+    failed = passed.count(False)
+    if failed:
+        click.echo(f"FAILED: {failed} of {len(passed)} checks failed")
+        raise SystemExit(1)
+    click.echo(f"OK: all {len(passed)} checks passed")
+
+
+def _run(name: str, target: str, check: Callable[[], str], secrets: list[str]) -> bool:
+    """Print ``name`` and ``target``, run ``check``, print its outcome and time; True when it passed."""
+    click.echo(f"{name:<18} {target}")
+    started = time.perf_counter()
+    try:
+        outcome, passed = check(), True
+    except (CheckFailed, IrisError, sa.exc.SQLAlchemyError, ValueError) as error:
+        cause = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+        outcome, passed = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip()), False
+        for secret in secrets:  # belt and braces: no message we print should hold one
+            outcome = outcome.replace(secret, "***")
+    elapsed = (time.perf_counter() - started) * 1000
+    click.echo(f"  {'OK' if passed else 'FAIL':<4} {elapsed:6.0f} ms  {outcome}")
+    return passed
+
+
+def _check_database(engine: sa.Engine) -> str:
+    """One round trip: the server version, and whether libpq encrypted this connection."""
+    with engine.connect() as connection:
+        if engine.dialect.name != "postgresql":
+            connection.execute(sa.text("SELECT 1"))
+            return f"{engine.dialect.name} answered (not PostgreSQL: development only)"
+        version = connection.execute(sa.text("SELECT current_setting('server_version')")).scalar_one()
+        driver = connection.connection.driver_connection
+        # The client's own view: behind a pooler (Neon's -pooler host) the server's pg_stat_ssl describes
+        # the pooler's connection to the server, not ours.
+        encrypted = driver.pgconn.ssl_in_use
+        sslmode = driver.info.get_parameters().get("sslmode", "prefer")
+    if sslmode in SSL_REQUIRED_MODES and not encrypted:
+        raise CheckFailed(f"sslmode={sslmode} requires SSL, but the connection is not encrypted")
+    return f"PostgreSQL {version}, {'SSL in use' if encrypted else 'not encrypted'} (sslmode={sslmode})"
+
+
+def _check_direct(url: str) -> str:
+    """The direct URL, connected to as migrations do (``config.direct_engine``)."""
+    engine = direct_engine(url)
+    try:
+        return _check_database(engine)
+    finally:
+        engine.dispose()
+
+
+def _check_clerk() -> str:
+    """One authenticated call: Clerk's JWKS for this secret key's instance."""
+    try:
+        keys = clerk.get_jwks().get("keys", [])
+    except clerk.ClerkRefused as error:
+        status = error.status
+        if status == 401:
+            raise CheckFailed("key invalid (Clerk answered 401)") from None
+        raise CheckFailed(
+            f"Clerk refused GET /v1/jwks{f' with {status}' if status else ''}: key invalid, or"
+            " CLERK_API_URL is not Clerk's Backend API"
+        ) from None
+    except RateLimited:
+        raise CheckFailed("Clerk rate-limited the check; try again in a minute") from None
+    except AuthProviderUnavailable:
+        raise CheckFailed("Clerk unreachable, timing out or failing (5xx); is CLERK_API_URL right?") from None
+    except AuthProviderError:
+        raise CheckFailed("Clerk's answer was unusable; is CLERK_API_URL Clerk's Backend API?") from None
+    return f"key accepted, {len(keys)} signing key(s)"
+
+
+def _shown(url: str | sa.URL) -> str:
+    """A database URL fit to print: password masked, in the userinfo and in the query string."""
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return "(a URL that cannot be parsed)"
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "MASKED"})
+    return parsed.render_as_string(hide_password=True).replace("password=MASKED", "password=***")
+
+
+def _passwords(url: str | sa.URL) -> list[str]:
+    """The passwords in a database URL (userinfo and query string), to keep out of any message."""
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return []
+    found = [parsed.password, parsed.query.get("password")]
+    return [password for password in found if isinstance(password, str)]
+
+
+def _key_kind(key: str) -> str:
+    for prefix in ("sk_live_", "sk_test_"):
+        if key.startswith(prefix):
+            return f"{prefix} key"
+    return "secret key of unknown kind (expected sk_live_ or sk_test_)"
 
 
 def init_app(app: Flask) -> None:

@@ -15,6 +15,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+import sqlalchemy as sa
+
 # Where `make run` starts the local Clerk stand-in (iris.clerk_standin), and the key it accepts.
 DEV_CLERK_API_URL = "http://127.0.0.1:5001"
 DEV_CLERK_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in's key, not a secret)
@@ -75,6 +77,17 @@ def engine_options(uri: str, overrides: Mapping[str, Any] | None = None) -> dict
         else:
             options[key] = value
     return options
+
+
+def direct_engine(url: str) -> sa.Engine:
+    """An engine for DATABASE_URL_DIRECT (migrations, checks): no pool, the app's connect arguments.
+
+    The caller disposes of it when done.
+    """
+    uri = database_uri(url)
+    return sa.create_engine(
+        uri, poolclass=sa.pool.NullPool, connect_args=engine_options(uri).get("connect_args", {})
+    )
 
 
 def from_environment(environ: Mapping[str, str], *, development: bool, instance_path: str) -> dict:

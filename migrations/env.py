@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import context
 from flask import current_app
 
-from iris.config import database_uri, engine_options
+from iris.config import direct_engine
 
 config = context.config
 
@@ -26,11 +26,7 @@ target_db = current_app.extensions["migrate"].db
 
 def get_engine() -> sa.Engine:
     direct_url = current_app.config.get("DATABASE_URL_DIRECT")
-    if not direct_url:
-        return target_db.engine
-    uri = database_uri(direct_url)
-    connect_args = engine_options(uri).get("connect_args", {})
-    return sa.create_engine(uri, poolclass=sa.pool.NullPool, connect_args=connect_args)
+    return direct_engine(direct_url) if direct_url else target_db.engine
 
 
 def run_migrations_offline() -> None:

@@ -1,0 +1,170 @@
+"""`flask iris check`: the connection test of the production deployment, end to end.
+
+The databases are real: the local PostgreSQL (no SSL), a closed port, and a private cluster with SSL on
+(tests/check_cluster.py). Clerk is the stand-in over real HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from click.testing import Result
+from flask import Flask
+
+from iris.clerk_standin import DEFAULT_SECRET_KEY
+from tests import check_cluster
+from tests.check_cluster import SSLCluster, self_signed_certificate
+from tests.conftest import TEST_DATABASE_URL, make_test_app
+
+DB_PASSWORD = sa.make_url(TEST_DATABASE_URL).password or "db-password-never-printed"  # trust ignores it
+
+
+def check(app: Flask) -> Result:
+    return app.test_cli_runner().invoke(args=["iris", "check"])
+
+
+def with_password(url: str, password: str = DB_PASSWORD) -> str:
+    """``url`` with ``password`` in its userinfo and (libpq allows both) in its query string."""
+    parsed = sa.make_url(url).set(password=password)
+    return parsed.update_query_dict({"password": password}).render_as_string(hide_password=False)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def outcome(result: Result, name: str) -> str:
+    """The outcome line printed under the check called ``name``."""
+    lines = result.output.splitlines()
+    return lines[[line.split("  ")[0] for line in lines].index(name) + 1]
+
+
+# ---- plain PostgreSQL and the stand-in
+
+
+def test_every_check_passes_and_says_what_it_found(schema, standin):
+    result = check(make_test_app(schema))
+    assert result.exit_code == 0, result.output
+    pooled = outcome(result, "database (pooled)")
+    assert re.fullmatch(r"  OK +\d+ ms  PostgreSQL \d+\.\d+.*, not encrypted \(sslmode=prefer\)", pooled)
+    assert "database (direct)  not set, migrations use the pooled URL" in result.output
+    assert f"clerk              {standin.base_url}, sk_test_ key" in result.output
+    assert re.fullmatch(r"  OK +\d+ ms  key accepted, 1 signing key\(s\)", outcome(result, "clerk"))
+    assert result.output.endswith("\nOK: all 2 checks passed\n")
+
+
+def test_the_direct_url_is_checked_too_and_no_password_or_key_is_printed(schema):
+    app = make_test_app(
+        schema,
+        SQLALCHEMY_DATABASE_URI=with_password(TEST_DATABASE_URL),
+        DATABASE_URL_DIRECT=with_password(TEST_DATABASE_URL.replace("postgresql+psycopg://", "postgres://")),
+    )
+    result = check(app)
+    assert result.exit_code == 0, result.output
+    assert "  OK " in outcome(result, "database (direct)")
+    assert result.output.endswith("\nOK: all 3 checks passed\n")
+    assert ":***@" in result.output and "password=***" in result.output
+    assert DB_PASSWORD not in result.output
+    assert DEFAULT_SECRET_KEY not in result.output
+
+
+def test_an_unreachable_database_fails_fast_with_exit_1(schema):
+    url = with_password(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/iris")
+    result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url, DATABASE_URL_DIRECT=url))
+    assert result.exit_code == 1
+    assert "  FAIL" in outcome(result, "database (pooled)") and "Connection refused" in result.output
+    assert "  FAIL" in outcome(result, "database (direct)")
+    assert "  OK " in outcome(result, "clerk")
+    assert result.output.endswith("\nFAILED: 2 of 3 checks failed\n")
+    assert DB_PASSWORD not in result.output
+
+
+def test_a_wrong_clerk_key_fails_as_key_invalid_without_printing_it(schema):
+    key = "sk_live_wrong_key_that_must_never_be_printed"
+    result = check(make_test_app(schema, CLERK_SECRET_KEY=key))
+    assert result.exit_code == 1
+    assert "sk_live_ key" in result.output
+    assert "  FAIL" in outcome(result, "clerk") and "key invalid" in outcome(result, "clerk")
+    assert result.output.endswith("\nFAILED: 1 of 2 checks failed\n")
+    assert key not in result.output
+
+
+def test_clerk_unreachable_fails(schema):
+    result = check(make_test_app(schema, CLERK_API_URL=f"http://127.0.0.1:{closed_port()}"))
+    assert result.exit_code == 1
+    assert "  FAIL" in outcome(result, "clerk") and "Clerk unreachable" in outcome(result, "clerk")
+    assert result.output.endswith("\nFAILED: 1 of 2 checks failed\n")
+
+
+def test_a_development_sqlite_database_is_checked_without_ssl_questions(schema, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'iris.sqlite3'}"
+    result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=uri, SQLALCHEMY_ENGINE_OPTIONS={}))
+    assert result.exit_code == 0, result.output
+    assert "sqlite answered (not PostgreSQL: development only)" in outcome(result, "database (pooled)")
+
+
+# ---- PostgreSQL with SSL on
+
+
+@pytest.fixture(scope="module")
+def ssl_cluster() -> Iterator[SSLCluster]:
+    """A private cluster with SSL on for this module; stopped and removed afterwards, whatever happened."""
+    with SSLCluster() as cluster:
+        yield cluster
+
+
+def test_sslmode_require_and_verify_full_pass_and_report_ssl_in_use(schema, ssl_cluster):
+    app = make_test_app(
+        schema,
+        SQLALCHEMY_DATABASE_URI=with_password(ssl_cluster.url(sslmode="require")),
+        DATABASE_URL_DIRECT=with_password(
+            ssl_cluster.url(sslmode="verify-full", sslrootcert=ssl_cluster.certificate_path)
+        ),
+    )
+    result = check(app)
+    assert result.exit_code == 0, result.output
+    assert outcome(result, "database (pooled)").endswith(", SSL in use (sslmode=require)")
+    assert outcome(result, "database (direct)").endswith(", SSL in use (sslmode=verify-full)")
+    assert result.output.endswith("\nOK: all 3 checks passed\n")
+    assert DB_PASSWORD not in result.output
+
+
+def test_verify_full_fails_against_a_certificate_from_another_ca(schema, ssl_cluster, tmp_path):
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes(self_signed_certificate()[0])
+    url = ssl_cluster.url(sslmode="verify-full", sslrootcert=str(other_ca))
+    result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url))
+    assert result.exit_code == 1
+    assert "  FAIL" in outcome(result, "database (pooled)") and "certificate verify failed" in result.output
+
+
+def test_sslmode_require_fails_clearly_when_the_server_has_ssl_off(schema, ssl_cluster):
+    ssl_cluster.set_ssl(False)
+    try:
+        url = with_password(ssl_cluster.url(sslmode="require"))
+        result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url))
+    finally:
+        ssl_cluster.set_ssl(True)
+    assert result.exit_code == 1
+    assert "  FAIL" in outcome(result, "database (pooled)")
+    assert "server does not support SSL, but SSL was required" in outcome(result, "database (pooled)")
+    assert result.output.endswith("\nFAILED: 1 of 2 checks failed\n")
+    assert DB_PASSWORD not in result.output
+
+
+@pytest.mark.parametrize(("ci", "expected"), [("true", pytest.fail.Exception), (None, pytest.skip.Exception)])
+def test_without_initdb_the_ssl_tests_fail_in_ci_and_skip_elsewhere(monkeypatch, ci, expected):
+    monkeypatch.setattr(check_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(check_cluster.glob, "glob", lambda pattern: [])
+    if ci:
+        monkeypatch.setenv("CI", ci)
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(expected, match="initdb not found"):
+        check_cluster.SSLCluster()
