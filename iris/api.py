@@ -53,7 +53,9 @@ def register():
                 for name in unknown
             ]
         )
-    user = registration.register(body.get("email"), body.get("password"), body.get("role"))
+    # Only an absent role defaults; an explicit null is a role that is not allowed.
+    role = body.get("role", registration.DEFAULT_ROLE)
+    user = registration.register(body.get("email"), body.get("password"), role)
     location = url_for("api.get_user", user_id=user.id)
     return user.to_dict(current_app.config["IRIS_TIMEZONE"]), 201, {"Location": location}
 

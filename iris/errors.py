@@ -222,11 +222,26 @@ def add_request_id_header(response: Response) -> Response:
     return response
 
 
+def end_database_session(error: BaseException | None) -> None:
+    """End the request's database session without letting a lost connection escape as a bare 500.
+
+    Registered after ``db.init_app``, so it runs before Flask-SQLAlchemy's own teardown: when the database
+    dropped the connection under an open transaction, the ROLLBACK in ``session.remove()`` raises, and
+    nothing would turn that into a response any more (the response may even be a 201 already).
+    """
+    try:
+        db.session.remove()
+    except DATABASE_UNREACHABLE as lost:
+        log.warning("database connection lost before the end of the request: %s", type(lost).__name__)
+        db.session.remove()
+
+
 def assign_request_id() -> None:
     request_id()
 
 
 def init_app(app: Flask) -> None:
+    app.teardown_appcontext(end_database_session)
     app.before_request(assign_request_id)
     app.after_request(add_request_id_header)
     app.register_error_handler(IrisError, handle_iris_error)

@@ -6,7 +6,10 @@
 2. Success leaves exactly one Clerk user and one live ``users`` row pointing at each other
    (``users.clerk_user_id`` -> Clerk user; Clerk ``external_id`` -> ``users.id``).
 3. Failure leaves neither. If Clerk created the user and the local write then fails, the Clerk user is
-   deleted before the error is raised.
+   deleted before the error is raised. One case cannot know whether it failed: the database lost during the
+   completing COMMIT itself. Then the Clerk user is kept and the answer is 503; the row is either complete
+   already or pending, and ``reconcile`` completes it. Either way the email ends up with one consistent
+   account, never a row pointing at a deleted Clerk user.
 4. A crash between Clerk's answer and the local commit leaves a *pending* row (``clerk_user_id`` NULL) whose
    id is the Clerk user's ``external_id``. The next registration of that email, once the row is older than
    ``PENDING_TIMEOUT``, undoes it (deletes the Clerk user found by external_id, then the row) and starts
@@ -52,8 +55,10 @@ log = logging.getLogger(__name__)
 # a pending row older than this belongs to a registration that died.
 PENDING_TIMEOUT = timedelta(seconds=120)
 
+DEFAULT_ROLE = "restaurant"
 
-def register(email: object, password: object, role: object = None) -> User:
+
+def register(email: object, password: object, role: object = DEFAULT_ROLE) -> User:
     """Create an account at Clerk and here, or raise an ``IrisError`` and leave nothing behind.
 
     Raises ``ValidationFailed`` (every field problem at once, or Clerk's password rule), ``EmailTaken``,
@@ -77,6 +82,12 @@ def register(email: object, password: object, role: object = None) -> User:
         raise AuthProviderError()
     try:
         return _complete(user_id, clerk_user_id)
+    except CompletionUnknown:
+        # The COMMIT may have landed: the row may already point at the Clerk user, so deleting that user
+        # could leave a complete row with no one behind it. Keep both; reconcile (or the next attempt)
+        # completes the row or finds it complete.
+        log.warning("registration %s: database lost while completing; left for reconcile", user_id)
+        raise
     except Exception:
         db.session.rollback()
         log.warning("registration %s: local write failed after Clerk created the user; undoing", user_id)
@@ -129,8 +140,6 @@ def _validate(email: object, password: object, role: object) -> tuple[str, str]:
         details.append(_detail("password", "required", "Enter a password."))
     # Admins are never self-registered, whatever the configuration says.
     allowed = [name for name in current_app.config["IRIS_SIGNUP_ROLES"] if name != "admin"]
-    if role is None:
-        role = "restaurant"
     if role not in allowed:
         details.append(_detail("role", "role_not_allowed", "Choose one of: " + ", ".join(allowed) + "."))
     if details:
@@ -184,8 +193,16 @@ def _complete(user_id: uuid.UUID, clerk_user_id: str) -> User:
         if done.rowcount != 1:
             db.session.rollback()
             raise IrisError(f"pending registration {user_id} vanished before it was completed")
+    try:
         db.session.commit()
         return db.session.get_one(User, user_id)
+    except DATABASE_UNREACHABLE as error:
+        db.session.rollback()
+        raise CompletionUnknown(retry_after=5) from error
+
+
+class CompletionUnknown(DatabaseUnavailable):
+    """The database went away during or after the completing COMMIT, so it may have committed (503)."""
 
 
 def _undo(user_id: uuid.UUID, clerk_user_id: str | None = None) -> bool:

@@ -33,7 +33,7 @@ def signup():
         del form.role
     status = 200
     if form.validate_on_submit():
-        role = form.role.data if "role" in form else None
+        role = form.role.data if "role" in form else registration.DEFAULT_ROLE
         try:
             user = registration.register(form.email.data or "", form.password.data or "", role)
         except ValidationFailed as error:

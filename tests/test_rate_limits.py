@@ -46,7 +46,7 @@ def test_the_api_answers_429_with_retry_after_over_the_registration_limit(limite
     assert register(client, "a@b.example").status_code == 409  # refusals count too
     response = register(client, "c@b.example")
     assert_error(response, 429, "rate_limited")
-    assert 0 < int(response.headers["Retry-After"]) <= 60
+    assert 0 < int(response.headers["Retry-After"]) <= 61  # the window ends on a whole second
 
 
 def test_the_page_and_the_api_share_one_registration_limit_and_the_page_says_so_kindly(limited_app):

@@ -93,7 +93,7 @@ def test_role_restaurant_may_be_given(client):
     assert response.json["role"] == "restaurant"
 
 
-@pytest.mark.parametrize("role", ["admin", "owner", 7])
+@pytest.mark.parametrize("role", ["admin", "owner", 7, None])
 def test_roles_outside_iris_signup_roles_are_refused(app, client, standin, role):
     response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD, "role": role})
     error = assert_error(response, 422, "validation_error")

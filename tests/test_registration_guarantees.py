@@ -293,3 +293,52 @@ def _libpq_url() -> str:
 
 def _libpq_port() -> int:
     return sa.make_url(TEST_DATABASE_URL).port or 5432
+
+
+def proxied_app(schema):
+    """An app whose database link runs through a TCPProxy the test can cut."""
+    proxy = TCPProxy(("127.0.0.1", _libpq_port()))
+    proxied = sa.make_url(TEST_DATABASE_URL).set(host="127.0.0.1", port=proxy.port)
+    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI=proxied.render_as_string(hide_password=False))
+    migrate(app)
+    return app, proxy
+
+
+def test_database_lost_right_after_the_completing_commit_keeps_one_consistent_account(schema, standin):
+    """Guarantee 3's one ambiguous case: the COMMIT landed, then the link died. The Clerk user must stay."""
+    from flask_sqlalchemy.session import Session
+
+    app, proxy = proxied_app(schema)
+    commits = []
+
+    def cut_after_second_commit(session):
+        commits.append(1)
+        if len(commits) == 2:  # 1: the reservation, 2: the completion
+            proxy.cut()
+
+    event.listen(Session, "after_commit", cut_after_second_commit)
+    try:
+        response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    finally:
+        event.remove(Session, "after_commit", cut_after_second_commit)
+    assert_error(response, 503, "database_unavailable")
+    proxy.restore()
+
+    [clerk_user] = clerk_users(standin)
+    [row] = rows(app)
+    assert row.clerk_user_id == clerk_user["id"]  # complete, and pointing at a live Clerk user
+    assert clerk_user["external_id"] == str(row.id)
+    retry = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert_error(retry, 409, "email_taken")
+    proxy.close()
+
+
+def test_a_connection_lost_after_the_view_answered_does_not_become_a_bare_500(schema, standin):
+    """The teardown ROLLBACK on a dead connection must not escape: the 201 already happened."""
+    app, proxy = proxied_app(schema)
+    app.after_request(lambda response: (proxy.cut(), response)[1])
+    response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert response.status_code == 201
+    proxy.restore()
+    assert [row.clerk_user_id for row in rows(app)] == [response.json["clerk_user_id"]]
+    proxy.close()
