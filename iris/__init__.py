@@ -39,7 +39,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         RATELIMIT_STORAGE_URI="memory://",
         RATELIMIT_DEFAULT="300 per minute",
         RATELIMIT_REGISTER="10 per minute; 50 per hour",
-        RATELIMIT_HEADERS_ENABLED=True,
         RATELIMIT_SWALLOW_ERRORS=True,
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
@@ -65,13 +64,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     limiter.init_app(app)
 
-    from iris import api, cli, errors, observability, ops, security, web
+    from iris import api, cli, docs, errors, observability, ops, security, web
 
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # the JSON API is not cookie-authenticated for writes; forms keep CSRF
     app.register_blueprint(ops.bp)
     limiter.exempt(ops.bp)  # load balancers poll these
     app.register_blueprint(web.bp)
+    app.register_blueprint(docs.bp)
     errors.init_app(app)
     observability.init_app(app)
     security.init_app(app)
