@@ -37,7 +37,8 @@ from iris.errors import (
 log = logging.getLogger(__name__)
 
 API_VERSION = "2025-11-10"
-# (connect, read) seconds. gunicorn's worker timeout is 30 s; a registration makes at most three calls.
+# (connect, read) seconds. A registration makes up to five calls (time budget in gunicorn.conf.py); gthread's
+# `timeout` does not cut requests off, so graceful_timeout and nginx's proxy_read_timeout must cover them.
 DEFAULT_TIMEOUT = (3.05, 8.0)
 
 PASSWORD_CODES = {

@@ -51,7 +51,7 @@ from iris.models import User, normalise_email
 
 log = logging.getLogger(__name__)
 
-# Longer than any registration can take (three Clerk calls at most, each bounded by clerk.DEFAULT_TIMEOUT):
+# Longer than any registration can take (five Clerk calls at most, ~70 s with clerk.DEFAULT_TIMEOUT):
 # a pending row older than this belongs to a registration that died.
 PENDING_TIMEOUT = timedelta(seconds=120)
 

@@ -175,3 +175,4 @@ def test_proxy_fix_only_with_trusted_hops(schema, hops):
     assert isinstance(app.wsgi_app, ProxyFix) is (hops > 0)
     if hops:
         assert app.wsgi_app.x_for == 2
+        assert app.wsgi_app.x_proto == 1  # set, not appended, by the nearest proxy

@@ -99,7 +99,8 @@ def start_gunicorn(schema, standin, storage_uri, prefix):
     env.pop("FLASK_DEBUG", None)
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "gunicorn", "--worker-class", "sync", "--workers", "2",
+            sys.executable, "-m", "gunicorn", "--config", os.devnull,  # not ./gunicorn.conf.py
+            "--worker-class", "sync", "--workers", "2",
             "--bind", "127.0.0.1:0", "--access-logfile", "-", "--access-logformat", "pid=%(p)s status=%(s)s",
             "wsgi:app",
         ],

@@ -1,0 +1,130 @@
+"""gunicorn settings for Iris in production: ``gunicorn -c gunicorn.conf.py wsgi:app``.
+
+Iris runs behind one reverse proxy (nginx, see deploy/nginx-iris.conf) on the same host. Every setting below
+says why it has its value; docs/deployment.md has the whole picture. Environment overrides:
+
+    WEB_CONCURRENCY   worker processes (default 2: one per core on a 2-core box)
+    GUNICORN_THREADS  threads per worker (default 8)
+    GUNICORN_BIND     comma-separated addresses, e.g. 127.0.0.1:8000 or unix:/run/iris/gunicorn.sock
+    PORT              port on 127.0.0.1 when GUNICORN_BIND is unset (default 8000); never 0.0.0.0
+    GUNICORN_PRELOAD  1/true to load the app in the master before forking (default off)
+    GUNICORN_MAX_REQUESTS  recycle a worker after this many requests, with 10% jitter (default 0: never)
+
+Anything else can be overridden with gunicorn's own GUNICORN_CMD_ARGS (e.g. "--log-level debug"), which
+gunicorn applies after this file, or with command-line flags, which it applies last.
+
+Time budget (keep graceful_timeout and nginx's proxy_read_timeout at or above it; tests/test_deployment.py
+checks both against iris/clerk.py): one Clerk call waits at most 3.05 s to connect, once more if that fails
+(urllib3 retries a failed connect once), then 8 s for each read: 3.05 x 2 + 8 = 14.1 s. A registration makes
+1 Clerk call normally, 3 when Clerk's answer is lost (create, find by external_id, delete), and 5 when it
+first has to undo a stale pending registration of the same email (find, delete, then those 3):
+5 x 14.1 = 70.5 s, plus short database work. Nothing here cuts a request off at that time (gthread's
+`timeout` is a liveness check): it is how long a graceful stop waits, and nginx waits, for an answer.
+"""
+
+import os
+
+
+def _integer(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RuntimeError(f"gunicorn.conf.py: {name} must be a whole number, not {raw!r}") from None
+    if value < minimum:
+        raise RuntimeError(f"gunicorn.conf.py: {name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise RuntimeError(f"gunicorn.conf.py: {name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+
+
+def _bind() -> list[str]:
+    explicit = [address.strip() for address in os.environ.get("GUNICORN_BIND", "").split(",")]
+    if any(explicit):
+        return [address for address in explicit if address]
+    # gunicorn's own default for PORT is 0.0.0.0:$PORT; clients must not reach gunicorn around the proxy.
+    return [f"127.0.0.1:{_integer('PORT', 8000, minimum=0)}"]
+
+
+# --- Sockets ---------------------------------------------------------------------------------------------
+# Loopback only: whoever reaches gunicorn directly can forge X-Forwarded-For / -Proto (IRIS_PROXY_HOPS).
+bind = _bind()
+
+# --- Workers ---------------------------------------------------------------------------------------------
+# Threads, not sync workers: requests mostly wait on Clerk's HTTPS API, and a thread waits for free.
+worker_class = "gthread"
+# One process per core; each has its own 5-connection database pool, so the pooler sees workers x 5.
+workers = _integer("WEB_CONCURRENCY", 2, minimum=1)
+# At least the pool's 5 so the pool can be used in full; more is fine, since a request holds a connection
+# only for its few milliseconds of SQL and never while it waits for Clerk (design.md, guarantee 6). 2 x 8
+# threads at 200 ms per Clerk call is ~80 registrations/s, under Clerk's production limit of 100 calls/s.
+threads = _integer("GUNICORN_THREADS", 8, minimum=1)
+
+# --- Timeouts --------------------------------------------------------------------------------------------
+# For gthread a liveness check only (the worker's main loop beats every second), not a request time limit.
+timeout = 30
+# A stop (TERM, the default signal) lets in-flight requests finish: 70.5 s of Clerk calls at worst (above).
+# The process supervisor must wait longer before it kills: systemd TimeoutStopSec=90, docker stop -t 90.
+graceful_timeout = 75
+# Idle keep-alive from nginx: longer than nginx's upstream keepalive_timeout (4 s), so nginx always closes
+# an idle connection first and never sends a request on one gunicorn is closing.
+keepalive = 5
+
+# --- Preload and fork ------------------------------------------------------------------------------------
+# Off by default: each worker imports the app itself, and HUP reloads code. On saves memory per worker.
+preload_app = _flag("GUNICORN_PRELOAD", False)
+
+
+def post_fork(server, worker):
+    """With preload_app the master built the app before forking, so any database connection it opened is
+    in every worker's copy of the pool. Give each worker an empty pool; close=False leaves the sockets to the
+    master instead of closing them under it. (Clerk's requests sessions and redis-py pools already notice the
+    new pid and start afresh.) Iris opens no connection at import, so this guards against future code."""
+    if not server.cfg.preload_app:
+        return
+    from iris.extensions import db
+
+    app = server.app.wsgi()
+    with app.app_context():
+        for engine in db.engines.values():
+            engine.dispose(close=False)
+
+
+# Recycling workers contains leaks but costs warm pools, the JWKS cache and memory:// rate-limit counters.
+max_requests = _integer("GUNICORN_MAX_REQUESTS", 0, minimum=0)
+max_requests_jitter = max_requests // 10  # so workers do not all restart at once
+
+# --- Proxy -----------------------------------------------------------------------------------------------
+# Only the local proxy may set the scheme for gunicorn (the client IP is ProxyFix's job, IRIS_PROXY_HOPS).
+forwarded_allow_ips = "127.0.0.1,::1"
+# Only the header nginx overwrites; X-Forwarded-Ssl/-Protocol would reach us as the client sent them.
+secure_scheme_headers = {"X-FORWARDED-PROTO": "https"}
+
+# --- Logging ---------------------------------------------------------------------------------------------
+# No access log: the app writes one JSON line per request (with request id, duration, user, client address
+# and scheme), and nginx logs what never reaches the app. GUNICORN_CMD_ARGS="--access-logfile -" for a look.
+accesslog = None
+# gunicorn's own lines (start, stop, worker deaths) and the app's JSON logs share stderr for the supervisor.
+errorlog = "-"
+loglevel = "info"
+# Shows as "gunicorn: master [iris]" in ps and top.
+proc_name = "iris"
+
+# --- Housekeeping ----------------------------------------------------------------------------------------
+# No control socket: every instance would share ~/.gunicorn/gunicorn.ctl; signals do the same job.
+control_socket_disable = True
+# Worker heartbeats on tmpfs, never on a disk or overlay filesystem that can stall them. (gunicorn makes an
+# unguessable mkstemp file there and unlinks it at once.)
+_SHM = "/dev/shm"  # noqa: S108
+worker_tmp_dir = _SHM if os.path.isdir(_SHM) else None
