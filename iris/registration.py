@@ -192,7 +192,8 @@ def _complete(user_id: uuid.UUID, clerk_user_id: str) -> User:
         )
         if done.rowcount != 1:
             db.session.rollback()
-            raise IrisError(f"pending registration {user_id} vanished before it was completed")
+            log.error("registration %s: pending row vanished before it was completed", user_id)
+            raise IrisError()  # a 500 whose message says nothing internal
     try:
         db.session.commit()
         return db.session.get_one(User, user_id)
