@@ -151,55 +151,62 @@ def _detail(field: str, code: str, message: str) -> dict[str, str]:
     return {"field": field, "code": code, "message": message}
 
 
-def _reserve(email: str, role: str) -> uuid.UUID:
-    """Commit a pending row for ``email``; raise ``EmailTaken`` when a live or in-flight account has it."""
-    with _database():
-        existing = db.session.execute(
-            sa.select(User.id, User.clerk_user_id, User.created_at).where(User.email == email)
-        ).first()
-        db.session.rollback()
-    if existing is not None:
-        if existing.clerk_user_id is not None:
-            raise EmailTaken()
-        age = datetime.now(UTC) - _aware(existing.created_at)
-        if age < PENDING_TIMEOUT:
-            retry_after = int((PENDING_TIMEOUT - age).total_seconds()) + 1
-            raise EmailTaken(
-                "A registration for this email address is already in progress.", retry_after=retry_after
-            )
-        log.info("registration %s is stale; undoing it before a new attempt", existing.id)
-        if not _undo(existing.id):
-            raise AuthProviderUnavailable(retry_after=5)
+def _reserve(email: str, role: str, *, retry: bool = True) -> uuid.UUID:
+    """Commit a pending row for ``email``; raise ``EmailTaken`` when a live or in-flight account has it.
 
+    The insert is tried first (one transaction on the common path); only when the email is taken is the
+    holder read, to tell a complete account from one in flight or one that died half-way.
+    """
     user_id = uuid.uuid4()
     with _database():
         db.session.add(User(id=user_id, email=email, role=role, clerk_user_id=None))
         try:
             db.session.commit()
+            return user_id
         except sa.exc.IntegrityError:
             db.session.rollback()
-            raise EmailTaken() from None
-    return user_id
+        holder = db.session.execute(
+            sa.select(User.id, User.clerk_user_id, User.created_at).where(User.email == email)
+        ).first()
+        db.session.rollback()
+    if holder is None or holder.clerk_user_id is not None or not retry:
+        raise EmailTaken()
+    age = datetime.now(UTC) - _aware(holder.created_at)
+    if age < PENDING_TIMEOUT:
+        retry_after = int((PENDING_TIMEOUT - age).total_seconds()) + 1
+        raise EmailTaken(
+            "A registration for this email address is already in progress.", retry_after=retry_after
+        )
+    log.info("registration %s is stale; undoing it before a new attempt", holder.id)
+    if not _undo(holder.id):
+        raise AuthProviderUnavailable(retry_after=5)
+    return _reserve(email, role, retry=False)
 
 
 def _complete(user_id: uuid.UUID, clerk_user_id: str) -> User:
-    """Record Clerk's user id on the pending row and commit; return the complete account."""
+    """Record Clerk's user id on the pending row and commit; return the complete account.
+
+    One statement (UPDATE ... RETURNING) and one commit: the returned account is detached before the commit,
+    so reading it afterwards needs no second round trip.
+    """
     with _database():
-        done = db.session.execute(
+        user = db.session.execute(
             sa.update(User)
             .where(User.id == user_id, User.clerk_user_id.is_(None), User.deleted_at.is_(None))
             .values(clerk_user_id=clerk_user_id)
-        )
-        if done.rowcount != 1:
+            .returning(User)
+        ).scalar_one_or_none()
+        if user is None:
             db.session.rollback()
             log.error("registration %s: pending row vanished before it was completed", user_id)
             raise IrisError()  # a 500 whose message says nothing internal
+        db.session.expunge(user)
     try:
         db.session.commit()
-        return db.session.get_one(User, user_id)
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
         raise CompletionUnknown(retry_after=5) from error
+    return user
 
 
 class CompletionUnknown(DatabaseUnavailable):

@@ -13,6 +13,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import requests
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -304,27 +305,36 @@ def proxied_app(schema):
     return app, proxy
 
 
-def test_database_lost_right_after_the_completing_commit_keeps_one_consistent_account(schema, standin):
-    """Guarantee 3's one ambiguous case: the COMMIT landed, then the link died. The Clerk user must stay."""
+@pytest.mark.parametrize("moment", ["before_commit", "after_commit"])
+def test_database_lost_around_the_completing_commit_keeps_one_consistent_account(schema, standin, moment):
+    """Guarantee 3's one ambiguous case: the link dies as the completing COMMIT goes out (it may or may not
+    land) or right after it landed. The Clerk user must stay, and the account ends up consistent."""
     from flask_sqlalchemy.session import Session
 
     app, proxy = proxied_app(schema)
     commits = []
 
-    def cut_after_second_commit(session):
+    def cut_at_the_completion(session):
         commits.append(1)
         if len(commits) == 2:  # 1: the reservation, 2: the completion
             proxy.cut()
 
-    event.listen(Session, "after_commit", cut_after_second_commit)
+    event.listen(Session, moment, cut_at_the_completion)
     try:
         response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
     finally:
-        event.remove(Session, "after_commit", cut_after_second_commit)
-    assert_error(response, 503, "database_unavailable")
+        event.remove(Session, moment, cut_at_the_completion)
     proxy.restore()
+    [clerk_user] = clerk_users(standin)  # kept in both cases
+    if moment == "before_commit":
+        assert_error(response, 503, "database_unavailable")
+        assert [row.clerk_user_id for row in rows(app)] == [None]  # the COMMIT never landed ...
+        with app.app_context():  # ... so reconcile completes the row from Clerk's external_id
+            counts = registration.reconcile(now=datetime.now(UTC) + timedelta(minutes=5))
+        assert counts == {"completed": 1, "removed": 0, "failed": 0}
+    else:
+        assert response.status_code == 201  # the COMMIT landed and nothing else needed the database
 
-    [clerk_user] = clerk_users(standin)
     [row] = rows(app)
     assert row.clerk_user_id == clerk_user["id"]  # complete, and pointing at a live Clerk user
     assert clerk_user["external_id"] == str(row.id)
