@@ -103,7 +103,7 @@ def test_a_restaurant_signs_up_by_keyboard_on_a_desktop(live_app, browser, stand
     page.close()
 
 
-def test_a_failed_sign_up_on_a_phone_shows_each_problem_at_its_field(live_app, browser, standin, client):
+def test_a_failed_sign_up_on_a_phone_shows_each_problem_at_its_field(live_app, browser, standin):
     app, base_url = live_app
     assert (
         app.test_client()
