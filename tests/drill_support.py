@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 import psycopg
 import pytest
@@ -46,9 +46,9 @@ ME = "/api/v1/users/me"
 
 
 def unavailable(reason: str) -> NoReturn:
-    """Skip on a developer machine; fail in CI (``CI`` set), where the drills must always run."""
+    """Skip on a developer machine; fail in CI (``CI`` set), where these tests must always run."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the drills must run there, so this fails instead of skipping)")
+        pytest.fail(f"{reason} (CI is set: these tests must run there, so this fails instead of skipping)")
     pytest.skip(reason)
 
 
@@ -125,10 +125,60 @@ def end_process(process: subprocess.Popen | None, timeout: float) -> None:
         process.wait(timeout=10)
 
 
+class ServerProcess:
+    """A server a drill runs as a child process from its own temporary directory, logging to a file there.
+
+    Subclasses set ``log_name`` and ``stop_timeout`` and write ``start()``, which calls ``_launch``. Used as a
+    context manager it is started on entry, and stopped and its directory removed on exit, whatever happened.
+    """
+
+    log_name = "server.log"
+    stop_timeout = 10.0
+
+    def __init__(self) -> None:
+        self.directory = ""
+        self.process: subprocess.Popen | None = None
+        self._log_file: Any = None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.directory, self.log_name) if self.directory else ""
+
+    def log_text(self) -> str:
+        return read_text(self.log_path)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _launch(self, command: list[str], **popen: Any) -> None:
+        self._log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, **popen)
+
+    def stop(self) -> None:
+        end_process(self.process, timeout=self.stop_timeout)
+        self.process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------ PgBouncer
 
 
-class PgBouncer:
+class PgBouncer(ServerProcess):
     """A private PgBouncer in transaction mode in front of one database, as Neon's pooler runs it.
 
     ``pool_size`` is PgBouncer's ``default_pool_size``: the number of server connections shared by all
@@ -137,7 +187,10 @@ class PgBouncer:
     it is set to 0 explicitly, since 1.24 defaults to 200.
     """
 
+    log_name = "pgbouncer.log"
+
     def __init__(self, server: sa.URL, dbname: str, *, pool_size: int) -> None:
+        super().__init__()
         self.binary = find_tool("pgbouncer", "pgbouncer")
         self.owner = service_user()
         self.server = server
@@ -149,13 +202,6 @@ class PgBouncer:
             [self.binary, "--version"], check=True, capture_output=True, text=True
         ).stdout.splitlines()[0]
         self.version = tuple(int(part) for part in re.findall(r"\d+", self.version_text)[:2])
-        self.directory = ""
-        self.process: subprocess.Popen | None = None
-        self._log_file: Any = None
-
-    @property
-    def log_path(self) -> str:
-        return os.path.join(self.directory, "pgbouncer.log") if self.directory else ""
 
     def url(self, base: sa.URL) -> sa.URL:
         """``base`` (driver, user) pointed at the pooler."""
@@ -195,10 +241,7 @@ class PgBouncer:
         ini = os.path.join(self.directory, "pgbouncer.ini")
         with open(ini, "w") as handle:
             handle.write(self.config())
-        self._log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [self.binary, ini], stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.directory
-        )
+        self._launch([self.binary, ini], cwd=self.directory)
         wait_until(self._answers, 15, f"PgBouncer on port {self.port}")
 
     def _answers(self) -> bool:
@@ -218,29 +261,6 @@ class PgBouncer:
             cursor = connection.execute(command)
             names = [column.name for column in cursor.description or []]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def log_text(self) -> str:
-        return read_text(self.log_path)
-
-    def stop(self) -> None:
-        end_process(self.process, timeout=10)
-        self.process = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> PgBouncer:
-        try:
-            self.start()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        if self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
@@ -327,7 +347,7 @@ class PrivateCluster:
             if self.directory:
                 shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> PrivateCluster:
+    def __enter__(self) -> Self:
         try:
             self.create()
             self.start()
@@ -343,29 +363,26 @@ class PrivateCluster:
 # ------------------------------------------------------------------------------------------ the app
 
 
-class AppServer:
+class AppServer(ServerProcess):
     """The app in its own process under gunicorn (one gthread worker), as production serves it.
 
     Built by ``tests.drill_app:create()`` from ``database_url`` and ``clerk_api_url``. Its stdout and stderr
     (gunicorn's log and the app's WARNING+ records, see ``tests.drill_app``) go to a file: ``log_text()``.
     """
 
+    log_name = "app.log"
+    stop_timeout = 20.0
+
     def __init__(self, database_url: sa.URL, clerk_api_url: str, *, threads: int) -> None:
+        super().__init__()
         self.database_url = database_url
         self.clerk_api_url = clerk_api_url
         self.threads = threads
         self.port = free_port()
-        self.directory = ""
-        self.process: subprocess.Popen | None = None
-        self._log_file: Any = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> str:
-        return os.path.join(self.directory, "app.log") if self.directory else ""
 
     def start(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="iris-drill-app-")
@@ -392,10 +409,7 @@ class AppServer:
             "5",
             "tests.drill_app:create()",
         ]
-        self._log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPOSITORY, env=env
-        )
+        self._launch(command, cwd=REPOSITORY, env=env)
         wait_until(self._answers, 60, f"the app on port {self.port}")
 
     def _answers(self) -> bool:
@@ -406,29 +420,6 @@ class AppServer:
             return requests.get(self.base_url + "/healthz", timeout=2).status_code == 200
         except requests.RequestException:
             return False
-
-    def log_text(self) -> str:
-        return read_text(self.log_path)
-
-    def stop(self) -> None:
-        end_process(self.process, timeout=20)
-        self.process = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> AppServer:
-        try:
-            self.start()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        if self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def app_log_records(text: str) -> list[str]:

@@ -16,9 +16,10 @@ from click.testing import Result
 from flask import Flask
 
 from iris.clerk_standin import DEFAULT_SECRET_KEY
-from tests import check_cluster
-from tests.check_cluster import SSLCluster, self_signed_certificate
+from tests import drill_support
+from tests.check_cluster import SSLCluster
 from tests.conftest import TEST_DATABASE_URL, make_test_app
+from tests.tls import self_signed_certificate
 
 DB_PASSWORD = sa.make_url(TEST_DATABASE_URL).password or "db-password-never-printed"  # trust ignores it
 
@@ -122,9 +123,9 @@ def ssl_cluster() -> Iterator[SSLCluster]:
 def test_sslmode_require_and_verify_full_pass_and_report_ssl_in_use(schema, ssl_cluster):
     app = make_test_app(
         schema,
-        SQLALCHEMY_DATABASE_URI=with_password(ssl_cluster.url(sslmode="require")),
+        SQLALCHEMY_DATABASE_URI=with_password(ssl_cluster.dsn(sslmode="require")),
         DATABASE_URL_DIRECT=with_password(
-            ssl_cluster.url(sslmode="verify-full", sslrootcert=ssl_cluster.certificate_path)
+            ssl_cluster.dsn(sslmode="verify-full", sslrootcert=ssl_cluster.certificate_path)
         ),
     )
     result = check(app)
@@ -138,7 +139,7 @@ def test_sslmode_require_and_verify_full_pass_and_report_ssl_in_use(schema, ssl_
 def test_verify_full_fails_against_a_certificate_from_another_ca(schema, ssl_cluster, tmp_path):
     other_ca = tmp_path / "other-ca.crt"
     other_ca.write_bytes(self_signed_certificate()[0])
-    url = ssl_cluster.url(sslmode="verify-full", sslrootcert=str(other_ca))
+    url = ssl_cluster.dsn(sslmode="verify-full", sslrootcert=str(other_ca))
     result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url))
     assert result.exit_code == 1
     assert "  FAIL" in outcome(result, "database (pooled)") and "certificate verify failed" in result.output
@@ -147,7 +148,7 @@ def test_verify_full_fails_against_a_certificate_from_another_ca(schema, ssl_clu
 def test_sslmode_require_fails_clearly_when_the_server_has_ssl_off(schema, ssl_cluster):
     ssl_cluster.set_ssl(False)
     try:
-        url = with_password(ssl_cluster.url(sslmode="require"))
+        url = with_password(ssl_cluster.dsn(sslmode="require"))
         result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url))
     finally:
         ssl_cluster.set_ssl(True)
@@ -160,11 +161,11 @@ def test_sslmode_require_fails_clearly_when_the_server_has_ssl_off(schema, ssl_c
 
 @pytest.mark.parametrize(("ci", "expected"), [("true", pytest.fail.Exception), (None, pytest.skip.Exception)])
 def test_without_initdb_the_ssl_tests_fail_in_ci_and_skip_elsewhere(monkeypatch, ci, expected):
-    monkeypatch.setattr(check_cluster.shutil, "which", lambda name: None)
-    monkeypatch.setattr(check_cluster.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(drill_support.shutil, "which", lambda name: None)
+    monkeypatch.setattr(drill_support.glob, "glob", lambda pattern: [])
     if ci:
         monkeypatch.setenv("CI", ci)
     else:
         monkeypatch.delenv("CI", raising=False)
     with pytest.raises(expected, match="initdb not found"):
-        check_cluster.SSLCluster()
+        SSLCluster()

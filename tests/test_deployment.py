@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -36,22 +35,18 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import sqlalchemy as sa
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from iris import clerk, create_app, security
 from iris.extensions import db
 from tests.conftest import TEST_DATABASE_URL, make_test_app, migrate
 from tests.test_register_api import PASSWORD, URL
+from tests.tls import self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
@@ -306,32 +301,12 @@ def nginx_binary() -> str:
     return NGINX
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for https://127.0.0.1 and its key, valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iris deployment test")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+def write_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for https://127.0.0.1 and its key, as files in ``directory``."""
+    certificate, key = self_signed_certificate(dns_names=(), ca=False)
     certificate_path, key_path = directory / "tls.crt", directory / "tls.key"
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    certificate_path.write_bytes(certificate)
+    key_path.write_bytes(key)
     return certificate_path, key_path
 
 
@@ -504,7 +479,7 @@ def stack(nginx_binary, deployment_schema, standin_server, tmp_path_factory) -> 
     """gunicorn (gunicorn.conf.py, IRIS_PROXY_HOPS=1, 2 workers) behind nginx running the example site."""
     directory = tmp_path_factory.mktemp("deployment")
     env = app_environment(deployment_schema, standin_server, IRIS_PROXY_HOPS="1", WEB_CONCURRENCY="2")
-    certificate, key = self_signed_certificate(directory)
+    certificate, key = write_certificate(directory)
     with Gunicorn(directory, env) as gunicorn:
         ports = {"tls": free_port(), "redirect": free_port(), "plain": free_port()}
         site_path = directory / "iris-site.conf"
