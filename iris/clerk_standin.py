@@ -5,7 +5,8 @@ the subset of ``https://api.clerk.com/v1`` the accounts backend uses, as written
 ``clerk-wire.md``:
 
 - ``POST /v1/users``, ``GET /v1/users/{id}``, ``DELETE /v1/users/{id}``, ``GET /v1/users``
-  (filters, paging, ordering; a bare JSON array) and ``GET /v1/users/count``;
+  (filters, paging, ordering; a bare JSON array), ``GET /v1/users/count`` and
+  ``POST /v1/users/{id}/verify_password``;
 - ``POST /v1/sessions`` and ``POST /v1/sessions/{id}/tokens`` (RS256 session tokens with
   Clerk's v2 claims and header);
 - ``GET /v1/jwks``.
@@ -17,14 +18,15 @@ Guarantees:
   ``{"errors": [{"message", "long_message", "code", "meta"?}], "clerk_trace_id"}``.
 - Every ``/v1`` response carries ``Clerk-Api-Version``, echoing the request's
   ``Clerk-API-Version`` header (default ``2021-02-05``).
-- Passwords are validated and then discarded: never stored, hashed, echoed or logged.
+- Passwords are validated and kept only as a salted digest in memory, for
+  ``POST /v1/users/{id}/verify_password``: never stored in clear, echoed or logged.
   Request bodies are never logged.
 - State is in memory and guarded by one lock; list ordering is stable for equal timestamps.
 
-A control API under ``/__standin`` (no auth) lets tests inject latency, error statuses,
-hangs, dropped connections, garbage bodies and "commit then fail" answers, read request and
-connection counts, rotate the signing key and sign arbitrary tokens. See
-``docs/clerk-standin.md``.
+A control API under ``/__standin`` (no auth) lets tests inject latency (a create delayed past the
+caller's timeout is stored all the same), error statuses, hangs, dropped connections, garbage
+bodies, "commit then fail" answers and requests held until a test releases them, read request and
+connection counts, rotate the signing key and sign arbitrary tokens. See ``docs/clerk-standin.md``.
 
 ``serve()``/``StandinServer`` run it on werkzeug's threaded server with working HTTP/1.1
 keep-alive (werkzeug's own handler always answers ``Connection: close``).
@@ -139,7 +141,7 @@ CREATE_USER_PARAMS = frozenset(
 CREATE_SESSION_PARAMS = frozenset({"user_id", "active_organization_id"})
 CREATE_TOKEN_PARAMS = frozenset({"expires_in_seconds"})
 ORDER_FIELDS = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
-FAULT_ACTIONS = ("status", "hang", "drop", "garbage")
+FAULT_ACTIONS = ("status", "hang", "drop", "garbage", "hold")
 FAULT_KEYS = frozenset(
     {
         "method",
@@ -332,7 +334,8 @@ class Fault:
     and the request path starts with ``path``. ``times`` (if set) is how many more requests it
     applies to. ``latency_ms`` delays the request; ``action`` then replaces the answer
     (``status``, ``hang``, ``drop``, ``garbage``), after running the real handler first when
-    ``after_commit`` is true.
+    ``after_commit`` is true. ``hold`` keeps the request waiting until the fault is released through
+    the control API (or ``seconds`` pass, when set), then handles it normally.
     """
 
     id: int
@@ -387,7 +390,7 @@ def parse_fault(body: Any, fault_id: int) -> Fault:
     if action is not None and action not in FAULT_ACTIONS:
         raise ValueError(f"action must be one of {', '.join(FAULT_ACTIONS)}")
     fault.action = action
-    if action == "status":
+    if action == "status" or (action == "garbage" and body.get("status") is not None):
         status = body.get("status")
         if not _is_int(status) or not 400 <= status <= 599:
             raise ValueError("status must be an integer between 400 and 599")
@@ -414,6 +417,8 @@ def parse_fault(body: Any, fault_id: int) -> Fault:
     if after_commit and action is None:
         raise ValueError("after_commit needs an action")
     fault.after_commit = after_commit
+    if action == "hold" and after_commit:
+        raise ValueError("hold runs the real handler after the release; after_commit does not apply")
     if action is None and fault.latency_ms == 0:
         raise ValueError("a fault needs latency_ms or an action")
     return fault
@@ -464,6 +469,7 @@ class ClerkStandin:
         self.initial_key = SigningKey.from_private_key(private_key)
         self.keys: list[SigningKey] = [self.initial_key]
         self.users: dict[str, dict[str, Any]] = {}
+        self.password_digests: dict[str, bytes] = {}
         self.user_seq: dict[str, int] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self.faults: list[Fault] = []
@@ -473,6 +479,10 @@ class ClerkStandin:
         self.api_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._seq = itertools.count()
         self._fault_ids = itertools.count(1)
+        # Per ``hold`` fault ever added: its release event and how many requests it has held. Kept
+        # after the fault is used up, so a request it holds can still be counted and let go.
+        self.releases: dict[int, threading.Event] = {}
+        self.held: Counter[int] = Counter()
         self.flask_app = self._build_flask_app()
 
     # ---- state helpers
@@ -488,8 +498,13 @@ class ClerkStandin:
         with self.lock:
             self.users.clear()
             self.user_seq.clear()
+            self.password_digests.clear()
             self.sessions.clear()
             self.faults.clear()
+            for release in self.releases.values():
+                release.set()
+            self.releases.clear()
+            self.held.clear()
             self.request_counts.clear()
             self.connections_accepted = 0
             self.api_connections = 0
@@ -554,6 +569,9 @@ class ClerkStandin:
             self.stopping.wait(latency_ms / 1000)
         if fault is None:
             return self.flask_app(environ, start_response)
+        if fault.action == "hold":
+            self._hold(fault)
+            return self.flask_app(environ, start_response)
         if fault.after_commit:
             Response.from_app(self.flask_app, environ, buffered=True).close()
         return self._apply_fault(fault, environ, start_response)
@@ -593,6 +611,29 @@ class ClerkStandin:
                         self.faults.remove(fault)
         return latency, chosen
 
+    def _hold(self, fault: Fault) -> None:
+        """Wait until ``fault`` is released (or its ``seconds`` pass, or the server stops)."""
+        with self.lock:
+            release = self.releases[fault.id]
+            self.held[fault.id] += 1
+        deadline = time.monotonic() + fault.seconds if fault.seconds else None
+        while not release.is_set() and not self.stopping.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            release.wait(0.05)
+
+    def release(self, fault_id: int) -> bool:
+        """Let every request held by ``fault_id`` (and any it would hold later) go on."""
+        with self.lock:
+            release = self.releases.get(fault_id)
+            for fault in self.faults:
+                if fault.id == fault_id:
+                    fault.action = None  # nothing more to hold; a latency still applies
+            if release is None:
+                return False
+            release.set()
+            return True
+
     def _apply_fault(self, fault: Fault, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         version = environ.get("HTTP_CLERK_API_VERSION") or DEFAULT_API_VERSION
         if fault.action == "hang":
@@ -606,7 +647,9 @@ class ClerkStandin:
                 ("Content-Length", str(len(GARBAGE_BODY))),
                 ("Clerk-Api-Version", version),
             ]
-            start_response("200 OK", headers)
+            # With a status it is a gateway in front of Clerk failing, not Clerk's own error envelope.
+            status = fault.status or 200
+            start_response(f"{status} {_reason_phrase(status)}", headers)
             return [GARBAGE_BODY]
         status = fault.status or 500
         code, message, long_message = STATUS_CODES.get(
@@ -655,6 +698,12 @@ class ClerkStandin:
             ("/v1/users/count", "count_users", self.count_users, ["GET"]),
             ("/v1/users/<user_id>", "get_user", self.get_user, ["GET"]),
             ("/v1/users/<user_id>", "delete_user", self.delete_user, ["DELETE"]),
+            (
+                "/v1/users/<user_id>/verify_password",
+                "verify_password",
+                self.verify_password,
+                ["POST"],
+            ),
             ("/v1/sessions", "create_session", self.create_session, ["POST"]),
             ("/v1/sessions/<session_id>/tokens", "create_token", self.create_token, ["POST"]),
             ("/v1/jwks", "jwks", self.jwks, ["GET"]),
@@ -668,6 +717,13 @@ class ClerkStandin:
                 self.c_del_fault,
                 ["DELETE"],
             ),
+            (
+                CONTROL_PREFIX + "/faults/<int:fault_id>/release",
+                "c_release",
+                self.c_release,
+                ["POST"],
+            ),
+            (CONTROL_PREFIX + "/faults/<int:fault_id>/held", "c_held", self.c_held, ["GET"]),
             (CONTROL_PREFIX + "/reset", "c_reset", self.c_reset, ["POST"]),
             (CONTROL_PREFIX + "/stats", "c_stats", self.c_stats, ["GET"]),
             (CONTROL_PREFIX + "/keys/rotate", "c_rotate", self.c_rotate, ["POST"]),
@@ -788,7 +844,7 @@ class ClerkStandin:
             password_error = check_password(password)
             if password_error is not None:
                 errors.append(password_error)
-        password_given = password is not None  # the password itself is never kept
+        password_given = password is not None  # only a salted digest is kept, for verify_password
         if errors:
             raise ClerkAPIError(422, errors)
 
@@ -860,8 +916,29 @@ class ClerkStandin:
             self._check_unique(user)
             self.users[user_id] = user
             self.user_seq[user_id] = next(self._seq)
+            if isinstance(password, str):
+                self.password_digests[user_id] = password_digest(password)
             result = copy.deepcopy(user)
         return _json_response(result)
+
+    def verify_password(self, user_id: str) -> Response:
+        """``POST /v1/users/{id}/verify_password {"password"}``: 200 ``{"verified": true}``, 422
+        ``incorrect_password`` when wrong (or the user has none), 404 when the user is missing."""
+        body = _json_object_body()
+        unknown = sorted(set(body) - {"password"})
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        password = body.get("password")
+        if not isinstance(password, str):
+            raise ClerkAPIError(422, [param_missing("password")])
+        with self.lock:
+            if user_id not in self.users:
+                raise not_found("user", user_id)
+            digest = self.password_digests.get(user_id)
+        if digest is None or not check_password_digest(password, digest):
+            message = "Password is incorrect. Try again, or use another method."
+            raise ClerkAPIError(422, [clerk_error("incorrect_password", message, message, "password")])
+        return _json_response({"verified": True})
 
     def _check_unique(self, user: dict[str, Any]) -> None:
         """Raise 422 ``form_identifier_exists`` for a taken email (case-insensitive, also
@@ -902,6 +979,7 @@ class ClerkStandin:
         with self.lock:
             user = self.users.pop(user_id, None)
             self.user_seq.pop(user_id, None)
+            self.password_digests.pop(user_id, None)
             if user is not None:
                 for session_id in [s["id"] for s in self.sessions.values() if s["user_id"] == user_id]:
                     del self.sessions[session_id]
@@ -1062,6 +1140,8 @@ class ClerkStandin:
             with self.lock:
                 fault = parse_fault(body, next(self._fault_ids))
                 self.faults.append(fault)
+                if fault.action == "hold":
+                    self.releases[fault.id] = threading.Event()
                 result = asdict(fault)
         except ValueError as exc:
             return _control_error(str(exc), 400)
@@ -1071,6 +1151,19 @@ class ClerkStandin:
         with self.lock:
             faults = [asdict(fault) for fault in self.faults]
         return _json_response({"faults": faults})
+
+    def c_held(self, fault_id: int) -> Response:
+        with self.lock:
+            known = fault_id in self.releases
+            held = self.held[fault_id]
+        if not known:
+            return _control_error(f"no hold fault with id {fault_id}", 404)
+        return _json_response({"id": fault_id, "held": held})
+
+    def c_release(self, fault_id: int) -> Response:
+        if not self.release(fault_id):
+            return _control_error(f"no hold fault with id {fault_id}", 404)
+        return _json_response({"released": fault_id})
 
     def c_clear_faults(self) -> Response:
         with self.lock:
@@ -1128,6 +1221,18 @@ class ClerkStandin:
 
 
 # --------------------------------------------------------------------------- request helpers
+
+
+def password_digest(password: str) -> bytes:
+    """A salted PBKDF2 digest (salt + hash). Few iterations: the stand-in holds throwaway test
+    passwords in memory, and its cost must not show in benchmarks."""
+    salt = secrets.token_bytes(16)
+    return salt + hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 1000)
+
+
+def check_password_digest(password: str, digest: bytes) -> bool:
+    salt, expected = digest[:16], digest[16:]
+    return hmac.compare_digest(hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 1000), expected)
 
 
 def check_password(password: str) -> dict[str, Any] | None:
@@ -1427,6 +1532,20 @@ class StandinControl:
 
     def faults(self) -> list[dict[str, Any]]:
         return self._call("GET", "/faults")["faults"]
+
+    def release(self, fault_id: int) -> None:
+        """Let the requests a ``hold`` fault keeps waiting go on."""
+        self._call("POST", f"/faults/{fault_id}/release")
+
+    def wait_until_held(self, fault_id: int, count: int = 1, timeout: float = 10.0) -> None:
+        """Return once the ``hold`` fault has parked ``count`` requests; raise TimeoutError if not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._call("GET", f"/faults/{fault_id}/held")["held"] >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fault {fault_id} held fewer than {count} requests in {timeout} s")
+            time.sleep(0.02)
 
     def clear_faults(self) -> None:
         self._call("DELETE", "/faults")

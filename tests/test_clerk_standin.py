@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -709,6 +710,72 @@ def test_after_commit_fault_creates_the_user_then_fails(api: Api, fault: dict[st
     assert retry.status_code == 422
     errors = [(e["code"], e["meta"]["param_name"]) for e in retry.json()["errors"]]
     assert errors == [("form_identifier_exists", "email_address"), ("form_identifier_exists", "external_id")]
+
+
+def test_garbage_fault_with_a_status_is_a_gateway_error_page(api: Api) -> None:
+    api.fault(method="POST", path="/v1/users", action="garbage", status=502, times=1)
+    response = api.post("/v1/users", {"email_address": ["gw@example.com"]})
+    assert response.status_code == 502
+    with pytest.raises(requests.JSONDecodeError):
+        response.json()  # no Clerk envelope: something in front of Clerk answered
+    assert api.get("/v1/users/count").json()["total_count"] == 0
+
+
+def test_a_delayed_create_is_stored_after_the_caller_gave_up(api: Api) -> None:
+    api.fault(method="POST", path="/v1/users", latency_ms=800, times=1)
+    body = {"email_address": ["late@example.com"], "password": "a fine long passphrase", "external_id": "r"}
+    with pytest.raises(requests.ReadTimeout):
+        api.post("/v1/users", body, timeout=(2, 0.2))
+    assert api.get("/v1/users/count").json()["total_count"] == 0  # not yet ...
+    deadline = time.monotonic() + 10
+    while api.get("/v1/users/count").json()["total_count"] == 0:  # ... but it lands, whatever the caller did
+        assert time.monotonic() < deadline, "the delayed create never landed"
+        time.sleep(0.05)
+    [user] = api.get("/v1/users", params={"external_id": "r"}).json()
+    assert user["email_addresses"][0]["email_address"] == "late@example.com"
+
+
+def test_hold_fault_parks_requests_until_released(api: Api) -> None:
+    held = api.fault(method="DELETE", path="/v1/users/", action="hold", times=1)
+    user = api.create_user("held@example.com")
+    answers: list[requests.Response] = []
+    worker = threading.Thread(target=lambda: answers.append(api.delete(f"/v1/users/{user['id']}")))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while api.control("GET", f"/faults/{held['id']}/held").json()["held"] < 1:
+        assert time.monotonic() < deadline, "the DELETE was never held"
+        time.sleep(0.02)
+    assert api.get(f"/v1/users/{user['id']}").status_code == 200  # parked: nothing done yet
+    assert answers == []
+    assert api.control("POST", f"/faults/{held['id']}/release").status_code == 200
+    worker.join(timeout=10)
+    assert [answer.status_code for answer in answers] == [200]
+    assert api.get(f"/v1/users/{user['id']}").status_code == 404  # then handled normally
+    assert api.control("POST", "/faults/999/release").status_code == 404
+    assert api.control("GET", "/faults/999/held").status_code == 404
+
+
+def test_hold_fault_with_seconds_lets_go_by_itself(api: Api) -> None:
+    api.fault(method="GET", path="/v1/jwks", action="hold", seconds=0.3, times=1)
+    assert api.get("/v1/jwks").status_code == 200
+
+
+def test_verify_password_answers_like_clerk(api: Api) -> None:
+    user = api.create_user("pw@example.com", password="a fine long passphrase")
+    path = f"/v1/users/{user['id']}/verify_password"
+    right = api.post(path, {"password": "a fine long passphrase"})
+    assert (right.status_code, right.json()) == (200, {"verified": True})
+    only_error(api.post(path, {"password": "a fine long passphrasE"}), 422, "incorrect_password")
+    only_error(api.post(path, {"password": "a", "extra": 1}), 422, "form_param_unknown")
+    only_error(
+        api.post("/v1/users/user_missing/verify_password", {"password": "x"}), 404, "resource_not_found"
+    )
+    passwordless = api.create_user("nopw@example.com", password=None)
+    only_error(
+        api.post(f"/v1/users/{passwordless['id']}/verify_password", {"password": "x"}),
+        422,
+        "incorrect_password",
+    )
 
 
 def test_faults_are_listed_counted_down_and_cleared(api: Api) -> None:
