@@ -16,10 +16,12 @@ gunicorn applies after this file, or with command-line flags, which it applies l
 Time budget (keep graceful_timeout and nginx's proxy_read_timeout at or above it; tests/test_deployment.py
 checks both against iris/clerk.py): one Clerk call waits at most 3.05 s to connect, once more if that fails
 (urllib3 retries a failed connect once), then 8 s for each read: 3.05 x 2 + 8 = 14.1 s. A registration makes
-1 Clerk call normally, 3 when Clerk's answer is lost (create, find by external_id, delete), and 5 when it
-first has to undo a stale pending registration of the same email (find, delete, then those 3):
-5 x 14.1 = 70.5 s, plus short database work. Nothing here cuts a request off at that time (gthread's
-`timeout` is a liveness check): it is how long a graceful stop waits, and nginx waits, for an answer.
+1 Clerk call normally, 2 when Clerk's answer is lost (create, find by external_id), and 7 at most: undo a
+stale pending registration of the same email (find, delete), create, find that Clerk's user holding the
+email is a stray of ours and delete it, create again, then find after a lost answer or delete after a failed
+local write: 7 x 14.1 = 98.7 s, plus short database work. Nothing here cuts a request off at that time
+(gthread's `timeout` is a liveness check): it is how long a graceful stop waits, and nginx waits, for an
+answer.
 """
 
 import os
@@ -67,16 +69,17 @@ worker_class = "gthread"
 # One process per core; each has its own 5-connection database pool, so the pooler sees workers x 5.
 workers = _integer("WEB_CONCURRENCY", 2, minimum=1)
 # At least the pool's 5 so the pool can be used in full; more is fine, since a request holds a connection
-# only for its few milliseconds of SQL and never while it waits for Clerk (design.md, guarantee 6). 2 x 8
-# threads at 200 ms per Clerk call is ~80 registrations/s, under Clerk's production limit of 100 calls/s.
+# only for its few milliseconds of SQL and never while it waits for Clerk (iris.registration, "No
+# connection held"). 2 x 8 threads at 200 ms per Clerk call is ~80 registrations/s, under Clerk's production
+# limit of 100 calls/s.
 threads = _integer("GUNICORN_THREADS", 8, minimum=1)
 
 # --- Timeouts --------------------------------------------------------------------------------------------
 # For gthread a liveness check only (the worker's main loop beats every second), not a request time limit.
 timeout = 30
-# A stop (TERM, the default signal) lets in-flight requests finish: 70.5 s of Clerk calls at worst (above).
-# The process supervisor must wait longer before it kills: systemd TimeoutStopSec=90, docker stop -t 90.
-graceful_timeout = 75
+# A stop (TERM, the default signal) lets in-flight requests finish: 98.7 s of Clerk calls at worst (above).
+# The process supervisor must wait longer before it kills: systemd TimeoutStopSec=120, docker stop -t 120.
+graceful_timeout = 100
 # Idle keep-alive from nginx: longer than nginx's upstream keepalive_timeout (4 s), so nginx always closes
 # an idle connection first and never sends a request on one gunicorn is closing.
 keepalive = 5

@@ -32,6 +32,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         IRIS_TIMEZONE="Europe/Stockholm",
         IRIS_SIGNUP_ROLES=["restaurant"],
         IRIS_PROXY_HOPS=0,
+        IRIS_PENDING_TIMEOUT_SECONDS=config.DEFAULT_PENDING_TIMEOUT_SECONDS,
         DATABASE_URL_DIRECT=None,
         # Rate limits per client IP. Counters live in RATELIMIT_STORAGE_URI: memory:// is per process, so
         # several gunicorn workers need a shared store (redis://...). If the store fails, requests go on

@@ -4,7 +4,7 @@ Guarantees:
 - Connections are kept alive and reused: one ``requests.Session`` per thread, made lazily in the process that
   uses it (so a gunicorn worker never shares a socket with its parent or a sibling).
 - Every call has explicit connect and read timeouts (``CLERK_TIMEOUT``), well under gunicorn's worker timeout.
-- Every answer becomes a value or an ``iris.errors`` domain error (design.md, registration guarantee 7):
+- Every answer becomes a value or an ``iris.errors`` domain error:
   ``form_identifier_exists`` -> ``EmailTaken``; ``form_password_*`` -> ``ValidationFailed`` on ``password``
   with Clerk's message; 429 -> ``RateLimited`` with Clerk's Retry-After; timeouts, connection errors and
   5xx -> ``AuthProviderUnavailable``; anything else -> ``AuthProviderError``.
@@ -143,6 +143,11 @@ class NotFoundAtClerk(ClerkRefused):
     """Clerk answered 404 ``resource_not_found``; unhandled, it is an unusable answer (502)."""
 
 
+class AnswerLost(AuthProviderUnavailable):
+    """No answer came from Clerk's application: a timeout, a dropped connection, or a 5xx from something in
+    front of it (no Clerk error envelope). The request may still be carried out later (503)."""
+
+
 def answer_was_lost(error: IrisError) -> bool:
     """True when Clerk may have carried out the request although the call raised ``error``.
 
@@ -152,6 +157,16 @@ def answer_was_lost(error: IrisError) -> bool:
     if isinstance(error, AuthProviderUnavailable):
         return True
     return isinstance(error, AuthProviderError) and not isinstance(error, ClerkRefused)
+
+
+def may_still_land(error: IrisError) -> bool:
+    """True when the request may be carried out *later* than the call that raised ``error``.
+
+    Only when Clerk's application never answered (``AnswerLost``). An answer it did send, a 5xx in its own
+    error envelope or a 2xx whose body was unreadable, means its handling of the request is over: whatever
+    it stored is already there to be found.
+    """
+    return isinstance(error, AnswerLost)
 
 
 def _call(
@@ -178,10 +193,10 @@ def _call(
         )
     except requests.Timeout:
         log.warning("clerk %s timed out after %.0f ms", label, _ms(started))
-        raise AuthProviderUnavailable(retry_after=5) from None
+        raise AnswerLost(retry_after=5) from None
     except requests.RequestException as error:
         log.warning("clerk %s failed: %s", label, type(error).__name__)
-        raise AuthProviderUnavailable(retry_after=5) from None
+        raise AnswerLost(retry_after=5) from None
 
     body = _json_or_none(response)
     trace_id = body.get("clerk_trace_id") if isinstance(body, dict) else None
@@ -200,6 +215,8 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
     if status == 429:
         return RateLimited(retry_after=_seconds(retry_after))
     if status >= 500:
+        if not isinstance(errors, list):  # not Clerk's envelope: a gateway in front of Clerk answered
+            return AnswerLost(retry_after=_seconds(retry_after))
         return AuthProviderUnavailable(retry_after=_seconds(retry_after))
     if status == 404 and code == "resource_not_found":
         return NotFoundAtClerk(status)

@@ -28,6 +28,11 @@ REQUIRED_OUTSIDE_DEVELOPMENT = {
     "FLASK_SECRET_KEY": "SECRET_KEY",
 }
 
+# How long after reserving an email, or after losing Clerk's answer to a write, that write may still land at
+# Clerk (iris.registration): longer than a whole registration (98.7 s at worst, see gunicorn.conf.py) and
+# than any request Clerk may still be working on when Iris stops waiting.
+DEFAULT_PENDING_TIMEOUT_SECONDS = 120
+
 
 class ConfigError(RuntimeError):
     """The environment cannot start the app; the message says what to set."""
@@ -107,6 +112,9 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
         "IRIS_TIMEZONE": env.get("IRIS_TIMEZONE", "Europe/Stockholm"),
         "IRIS_SIGNUP_ROLES": _split(env.get("IRIS_SIGNUP_ROLES", "restaurant")),
         "IRIS_PROXY_HOPS": _integer(env, "IRIS_PROXY_HOPS", 0),
+        "IRIS_PENDING_TIMEOUT_SECONDS": _integer(
+            env, "IRIS_PENDING_TIMEOUT_SECONDS", DEFAULT_PENDING_TIMEOUT_SECONDS, minimum=1
+        ),
     }
     unknown = [role for role in settings["IRIS_SIGNUP_ROLES"] if role != "restaurant"]
     if unknown:
@@ -163,8 +171,11 @@ def _split(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _integer(env: Mapping[str, str], name: str, default: int) -> int:
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None) -> int:
     try:
-        return int(env.get(name, default))
+        value = int(env.get(name, default))
     except ValueError:
         raise ConfigError(f"Iris cannot start: {name} must be a whole number.") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"Iris cannot start: {name} must be a whole number of at least {minimum}.")
+    return value

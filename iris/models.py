@@ -47,8 +47,8 @@ class BaseModel(db.Model):
 class User(BaseModel):
     """An Iris account. The password lives at Clerk only; no column here can hold one.
 
-    ``clerk_user_id`` is NULL only while a registration is in flight (between reserving the email and
-    recording Clerk's answer, see ``iris.registration``); a row with it set is a complete account.
+    ``clerk_user_id`` is NULL only while a registration is in flight or unsettled (between reserving the email
+    and recording Clerk's answer, see ``iris.registration``); a row with it set is a complete account.
     """
 
     __tablename__ = "users"
@@ -62,11 +62,20 @@ class User(BaseModel):
             sqlite_where=sa.text("deleted_at IS NULL"),
         ),
         sa.CheckConstraint("role IN ('restaurant', 'admin')", name="role_known"),
+        # A pending row always says until when its current owner may act on it.
+        sa.CheckConstraint(
+            "clerk_user_id IS NOT NULL OR pending_until IS NOT NULL", name="pending_has_lease"
+        ),
     )
 
     email: Mapped[str] = mapped_column(sa.String(320))
     clerk_user_id: Mapped[str | None] = mapped_column(sa.String(64), unique=True)
     role: Mapped[str] = mapped_column(sa.String(20), default="restaurant")
+    # The lease on a pending row (see iris.registration): who may act on it, and until when. Until then only
+    # ``pending_owner`` writes to it; after that its Clerk calls can no longer land, and anyone may claim it
+    # to settle it. Both are NULL on a complete account.
+    pending_owner: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
+    pending_until: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
     @orm.validates("email")
     def _normalise_email(self, key: str, value: str) -> str:

@@ -1,26 +1,41 @@
 """Registration: the one function the API and the sign-up page both call.
 
-``register`` keeps the guarantees of design.md ("Registration must never lose a user"):
+``register`` keeps these guarantees, which the rest of the code and the tests cite by name:
 
-1. The password is passed to Clerk and to nothing else: not stored, not logged, not in any error.
-2. Success leaves exactly one Clerk user and one live ``users`` row pointing at each other
-   (``users.clerk_user_id`` -> Clerk user; Clerk ``external_id`` -> ``users.id``).
-3. Failure leaves neither. If Clerk created the user and the local write then fails, the Clerk user is
-   deleted before the error is raised. One case cannot know whether it failed: the database lost during the
-   completing COMMIT itself. Then the Clerk user is kept and the answer is 503; the row is either complete
-   already or pending, and ``reconcile`` completes it. Either way the email ends up with one consistent
-   account, never a row pointing at a deleted Clerk user.
-4. A crash between Clerk's answer and the local commit leaves a *pending* row (``clerk_user_id`` NULL) whose
-   id is the Clerk user's ``external_id``. The next registration of that email, once the row is older than
-   ``PENDING_TIMEOUT``, undoes it (deletes the Clerk user found by external_id, then the row) and starts
-   afresh; ``flask iris reconcile`` completes or undoes every such row.
-5. The email is reserved by committing the pending row before Clerk is called. The partial unique index on
-   live emails lets exactly one of many concurrent registrations reserve it; the others get ``EmailTaken``
-   and never call Clerk, so there is never more than one Clerk user.
-6. No database connection is held while Clerk is called: the session's transaction is committed or rolled
-   back (returning the connection to the pool) before every Clerk call.
+- **Password only to Clerk.** The password is passed to Clerk and to nothing else: not stored, not logged,
+  not in any error.
+- **One account.** Success leaves exactly one Clerk user and one live ``users`` row pointing at each other
+  (``users.clerk_user_id`` -> Clerk user; Clerk ``external_id`` -> ``users.id``).
+- **Nothing on failure.** Failure leaves neither, once settled. If Clerk created the user and the local write
+  then fails, the Clerk user is deleted before the error is raised. One case cannot know whether it failed:
+  the database lost during the completing COMMIT itself. Then the Clerk user is kept and the answer is 503;
+  the row is either complete already or pending, and ``reconcile`` completes it.
+- **No stuck email.** A crash between Clerk's answer and the local commit leaves a *pending* row
+  (``clerk_user_id`` NULL) whose id is the Clerk user's ``external_id``. Once its lease has run out, the
+  next registration of that email undoes it (deletes the Clerk user found by external_id, then the row)
+  and starts afresh; ``flask iris reconcile`` completes or undoes every such row.
+- **One winner.** The email is reserved by committing the pending row before Clerk is called. The partial
+  unique index on live emails lets exactly one of many concurrent registrations reserve it; the others get
+  ``EmailTaken`` and never call Clerk, so there is never more than one Clerk user.
+- **No connection held.** No database connection is held while Clerk is called: the session's transaction
+  is committed or rolled back (returning the connection to the pool) before every Clerk call.
+- **A lost answer is not a no.** When Clerk's answer to the create is lost (timeout, dropped connection),
+  Clerk may still store the user after Iris stopped waiting. The row is looked up at Clerk once: found, the
+  registration completes; not found, the row stays pending until the create can no longer land
+  (``IRIS_PENDING_TIMEOUT_SECONDS``), the answer is 503 with that Retry-After, and the next attempt or
+  ``reconcile`` settles it then. A Clerk user that carries one of our ids as ``external_id`` but that no
+  live row claims (a create that landed after its row was settled) is ours to remove: it never refuses the
+  email for ever.
 
-Invariant behind 3 and 4: a pending row is deleted only once Clerk is known to have no user for it.
+How settlers never race: a pending row carries a lease, ``pending_owner`` and ``pending_until``. Only the
+owner writes to the row, and every write is conditional on still owning it (``WHERE pending_owner =
+:mine``), so of two settlers that read the same row only one acts. The registration that reserved the row
+owns it first. Once ``pending_until`` has passed, every Clerk call the owner made has answered or can no
+longer land, and anyone may claim the row (a conditional UPDATE that takes the lease) to settle it.
+Whoever learns that a Clerk write of theirs may still land extends their lease before giving up.
+
+Invariant behind all of it: a pending row is deleted only by its owner, once Clerk is known to hold no user
+for it and no Clerk write of the owner's can still land.
 """
 
 from __future__ import annotations
@@ -29,8 +44,9 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, Literal, cast
 
 import email_validator
 import sqlalchemy as sa
@@ -51,78 +67,118 @@ from iris.models import User, normalise_email
 
 log = logging.getLogger(__name__)
 
-# Longer than any registration can take (five Clerk calls at most, ~70 s with clerk.DEFAULT_TIMEOUT):
-# a pending row older than this belongs to a registration that died.
-PENDING_TIMEOUT = timedelta(seconds=120)
-
 DEFAULT_ROLE = "restaurant"
+IN_PROGRESS = "A registration for this email address is already in progress."
+
+Outcome = Literal["completed", "removed", "busy", "failed"]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to act on pending row ``user_id``, held as ``owner`` (see the module docstring)."""
+
+    user_id: uuid.UUID
+    owner: uuid.UUID
+
+
+class LeaseLost(EmailTaken):
+    """Someone else claimed the pending row: its registration is theirs to settle now (409, retry later)."""
+
+    message = IN_PROGRESS
+
+    def __init__(self) -> None:
+        super().__init__(retry_after=5)
 
 
 def register(email: object, password: object, role: object = DEFAULT_ROLE) -> User:
     """Create an account at Clerk and here, or raise an ``IrisError`` and leave nothing behind.
 
-    Raises ``ValidationFailed`` (every field problem at once, or Clerk's password rule), ``EmailTaken``,
-    ``RateLimited``, ``AuthProviderUnavailable``, ``AuthProviderError`` or ``DatabaseUnavailable``.
-    Side effects: a Clerk user and a committed ``users`` row, or neither.
+    Raises ``ValidationFailed`` (every field problem at once, or Clerk's password rule), ``EmailTaken``
+    (with Retry-After while another registration of the email is unsettled), ``RateLimited``,
+    ``AuthProviderUnavailable`` (with Retry-After; after a lost answer the email stays reserved until then),
+    ``AuthProviderError`` or ``DatabaseUnavailable``.
+    Side effects: a Clerk user and a committed ``users`` row, or neither (a lost answer leaves a pending row
+    that the next attempt or ``reconcile`` settles).
     """
     email, role = _validate(email, password, role)
-    password = cast(str, password)
-    user_id = _reserve(email, role)
+    lease = _reserve(email, role)
+    clerk_user_id = _create_at_clerk(lease, email, cast(str, password))
     try:
-        clerk_user = clerk.create_user(email, password, external_id=str(user_id))
-    except IrisError as error:
-        if clerk.answer_was_lost(error):
-            _undo(user_id)  # Clerk may have created the user: find it by external_id and delete it
-        else:
-            _delete_pending_row(user_id)  # a definite refusal: Clerk created nothing
-        raise
-    clerk_user_id = clerk_user.get("id") if isinstance(clerk_user, dict) else None
-    if not isinstance(clerk_user_id, str):
-        _undo(user_id)
-        raise AuthProviderError()
-    try:
-        return _complete(user_id, clerk_user_id)
-    except CompletionUnknown:
-        # The COMMIT may have landed: the row may already point at the Clerk user, so deleting that user
-        # could leave a complete row with no one behind it. Keep both; reconcile (or the next attempt)
-        # completes the row or finds it complete.
-        log.warning("registration %s: database lost while completing; left for reconcile", user_id)
+        return _complete(lease, clerk_user_id)
+    except (CompletionUnknown, LeaseLost):
+        # CompletionUnknown: the COMMIT may have landed, so the row may already point at the Clerk user, and
+        # deleting that user could leave a complete row with no one behind it. LeaseLost: the row is someone
+        # else's to settle now, and they may be completing it with this very user. Either way keep the user.
+        log.warning(
+            "registration %s: not completed here; left for reconcile or the next attempt", lease.user_id
+        )
         raise
     except Exception:
         db.session.rollback()
-        log.warning("registration %s: local write failed after Clerk created the user; undoing", user_id)
-        _undo(user_id, clerk_user_id=clerk_user_id)
+        log.warning(
+            "registration %s: local write failed after Clerk created the user; undoing", lease.user_id
+        )
+        _undo(lease, [clerk_user_id])
         raise
 
 
 def reconcile(now: datetime | None = None) -> dict[str, int]:
-    """Finish every stale pending registration: complete it when Clerk has its user, else delete the row.
+    """Settle every pending registration whose lease has run out: complete it when Clerk has its user, else
+    delete the row.
 
     Returns counts: ``completed``, ``removed``, ``failed`` (Clerk or the database unreachable; left for the
-    next run). Safe to run at any time, and more than once.
+    next run). A row another settler holds at that moment is skipped and not counted. Safe to run at any time,
+    more than once, and concurrently with registrations and with itself.
     """
-    cutoff = (now or datetime.now(UTC)) - PENDING_TIMEOUT
-    pending = (
-        db.session.execute(sa.select(User.id).where(User.clerk_user_id.is_(None), User.created_at < cutoff))
-        .scalars()
-        .all()
-    )
-    db.session.rollback()
+    now = now or datetime.now(UTC)
+    with _database():
+        expired = (
+            db.session.execute(
+                sa.select(User.id)
+                .where(User.clerk_user_id.is_(None), User.pending_until < now)
+                .order_by(User.created_at)
+            )
+            .scalars()
+            .all()
+        )
+        db.session.rollback()
     counts = {"completed": 0, "removed": 0, "failed": 0}
-    for user_id in pending:
+    for user_id in expired:
         try:
-            matches = clerk.find_users(external_id=str(user_id))
-            if matches:
-                _complete(user_id, matches[0]["id"])
-                counts["completed"] += 1
-            else:
-                _delete_pending_row(user_id, strict=True)
-                counts["removed"] += 1
-        except (IrisError, *DATABASE_UNREACHABLE):
-            db.session.rollback()
+            outcome = settle(user_id, adopt=True, now=now)
+        except DatabaseUnavailable:
+            outcome = "failed"
+        if outcome == "failed":
             log.warning("reconcile: pending registration %s left for the next run", user_id)
-            counts["failed"] += 1
+        if outcome in counts:
+            counts[outcome] += 1
     return counts
+
+
+def settle(user_id: uuid.UUID, *, adopt: bool, now: datetime | None = None) -> Outcome:
+    """Claim pending row ``user_id`` if its lease has run out, and settle it.
+
+    With ``adopt``, a Clerk user carrying the row's id completes the row (``completed``); without, it is
+    deleted at Clerk and the row with it (``removed``), as when no Clerk user exists. ``busy``: the row is
+    not claimable (someone holds it, or it is complete or gone). ``failed``: Clerk could not be asked or the
+    row could not be written; it stays pending for later.
+    """
+    lease = _claim(user_id, now or datetime.now(UTC))
+    if lease is None:
+        return "busy"
+    try:
+        matches = clerk.find_users(external_id=str(user_id))
+    except IrisError:
+        _expire(lease)  # nothing was written to Clerk: let the next settler try at once
+        return "failed"
+    if adopt and matches:
+        try:
+            _complete(lease, matches[0]["id"])
+        except IrisError:
+            return "failed"
+        log.info("registration %s completed with the Clerk user that carries its id", user_id)
+        return "completed"
+    return "removed" if _undo(lease, [match["id"] for match in matches]) else "failed"
 
 
 def _validate(email: object, password: object, role: object) -> tuple[str, str]:
@@ -151,55 +207,169 @@ def _detail(field: str, code: str, message: str) -> dict[str, str]:
     return {"field": field, "code": code, "message": message}
 
 
-def _reserve(email: str, role: str, *, retry: bool = True) -> uuid.UUID:
-    """Commit a pending row for ``email``; raise ``EmailTaken`` when a live or in-flight account has it.
+def _pending_timeout() -> timedelta:
+    """How long a registration's Clerk write may still land: the lease a reservation or lost answer takes."""
+    return timedelta(seconds=current_app.config["IRIS_PENDING_TIMEOUT_SECONDS"])
+
+
+def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
+    """Commit a pending row for ``email``, leased to this registration; raise ``EmailTaken`` when a live or
+    unsettled account has the email.
 
     The insert is tried first (one transaction on the common path); only when the email is taken is the
-    holder read, to tell a complete account from one in flight or one that died half-way.
+    holder read, to tell a complete account from one in flight or one whose lease has run out, which is
+    settled (undone) here before one more try.
     """
-    user_id = uuid.uuid4()
+    lease = Lease(uuid.uuid4(), uuid.uuid4())
+    now = datetime.now(UTC)
     with _database():
-        db.session.add(User(id=user_id, email=email, role=role, clerk_user_id=None))
+        db.session.add(
+            User(
+                id=lease.user_id,
+                email=email,
+                role=role,
+                clerk_user_id=None,
+                pending_owner=lease.owner,
+                pending_until=now + _pending_timeout(),
+            )
+        )
         try:
             db.session.commit()
-            return user_id
+            return lease
         except sa.exc.IntegrityError:
             db.session.rollback()
         holder = db.session.execute(
-            sa.select(User.id, User.clerk_user_id, User.created_at).where(User.email == email)
+            sa.select(User.id, User.clerk_user_id, User.pending_until).where(User.email == email)
         ).first()
         db.session.rollback()
     if holder is None or holder.clerk_user_id is not None or not retry:
         raise EmailTaken()
-    age = datetime.now(UTC) - _aware(holder.created_at)
-    if age < PENDING_TIMEOUT:
-        retry_after = int((PENDING_TIMEOUT - age).total_seconds()) + 1
-        raise EmailTaken(
-            "A registration for this email address is already in progress.", retry_after=retry_after
-        )
-    log.info("registration %s is stale; undoing it before a new attempt", holder.id)
-    if not _undo(holder.id):
+    until = _aware(holder.pending_until)
+    if until > now:
+        raise EmailTaken(IN_PROGRESS, retry_after=_seconds_until(until, now))
+    log.info("registration %s is unsettled and its lease ran out; undoing it before a new attempt", holder.id)
+    outcome = settle(holder.id, adopt=False, now=now)
+    if outcome == "failed":
         raise AuthProviderUnavailable(retry_after=5)
+    if outcome == "busy":
+        raise EmailTaken(IN_PROGRESS, retry_after=5)
     return _reserve(email, role, retry=False)
 
 
-def _complete(user_id: uuid.UUID, clerk_user_id: str) -> User:
-    """Record Clerk's user id on the pending row and commit; return the complete account.
+def _create_at_clerk(lease: Lease, email: str, password: str) -> str:
+    """Create the Clerk user for ``lease``'s row and return its id, or settle what can be settled and raise.
+
+    Side effects on failure: a definite refusal deletes the pending row; a lost answer keeps it (leased until
+    the create can no longer land) unless a lookup finds the user, which is then returned as if created.
+    """
+    removed_strays = False
+    while True:
+        try:
+            clerk_user = clerk.create_user(email, password, external_id=str(lease.user_id))
+            clerk_user_id = clerk_user.get("id") if isinstance(clerk_user, dict) else None
+            if not isinstance(clerk_user_id, str):
+                raise AuthProviderError()  # a 2xx without a user: as unusable as an unreadable body
+        except EmailTaken:
+            # Clerk has the email. If only strays of ours hold it (creates that landed after their rows were
+            # settled), remove them and try once more; anyone else's user makes it a real 409.
+            if not removed_strays and _remove_strays(email):
+                removed_strays = True
+                continue
+            _release(lease)
+            raise
+        except IrisError as error:
+            if not clerk.answer_was_lost(error):
+                _release(lease)  # a definite refusal: Clerk created nothing
+                raise
+            matches = _find_at_clerk(lease.user_id)
+            if matches:
+                log.info(
+                    "registration %s: Clerk's answer was lost, but it had created the user", lease.user_id
+                )
+                return matches[0]["id"]
+            if matches is None or clerk.may_still_land(error):
+                error.retry_after = _hold(lease)
+                log.warning(
+                    "registration %s: Clerk's answer was lost; the row is kept until the create can no longer"
+                    " land",
+                    lease.user_id,
+                )
+            else:
+                _release(lease)  # Clerk's handling is over and it holds no user for the row
+            raise
+        return clerk_user_id
+
+
+def _find_at_clerk(user_id: uuid.UUID) -> list[dict[str, Any]] | None:
+    """Clerk users carrying ``user_id`` as external_id, or None when Clerk could not be asked."""
+    try:
+        return clerk.find_users(external_id=str(user_id))
+    except IrisError:
+        return None
+
+
+def _remove_strays(email: str) -> bool:
+    """Delete the Clerk users holding ``email`` if every one of them is a stray of ours; True if done.
+
+    A stray carries one of our ids as external_id, no live row has that id, and it is not banned (a banned
+    user is kept deliberately). Only a create that landed after its row was settled makes one. Anyone else's
+    user (no external_id, or one that is not ours) leaves everything as it is.
+    """
+    try:
+        holders = clerk.find_users(email=email)
+    except IrisError:
+        return False
+    ids = [_our_id(holder.get("external_id")) for holder in holders]
+    if not holders or None in ids or any(holder.get("banned") for holder in holders):
+        return False
+    with _database():
+        claimed = db.session.execute(sa.select(sa.func.count()).where(User.id.in_(ids))).scalar_one()
+        db.session.rollback()
+    if claimed:
+        return False
+    for holder in holders:
+        try:
+            clerk.delete_user(holder["id"])
+        except IrisError:
+            return False
+        log.warning(
+            "removed Clerk user %s: a stray of registration %s", holder["id"], holder.get("external_id")
+        )
+    return True
+
+
+def _our_id(external_id: object) -> uuid.UUID | None:
+    if not isinstance(external_id, str):
+        return None
+    try:
+        return uuid.UUID(external_id)
+    except ValueError:
+        return None
+
+
+def _complete(lease: Lease, clerk_user_id: str) -> User:
+    """Record Clerk's user id on the leased pending row and commit; return the complete account.
 
     One statement (UPDATE ... RETURNING) and one commit: the returned account is detached before the commit,
-    so reading it afterwards needs no second round trip.
+    so reading it afterwards needs no second round trip. Raises ``LeaseLost`` when the row is no longer
+    this lease's (claimed by a settler, or gone), ``CompletionUnknown`` when the COMMIT's fate is unknown.
     """
     with _database():
         user = db.session.execute(
             sa.update(User)
-            .where(User.id == user_id, User.clerk_user_id.is_(None), User.deleted_at.is_(None))
-            .values(clerk_user_id=clerk_user_id)
+            .where(
+                User.id == lease.user_id,
+                User.pending_owner == lease.owner,
+                User.clerk_user_id.is_(None),
+                User.deleted_at.is_(None),
+            )
+            .values(clerk_user_id=clerk_user_id, pending_owner=None, pending_until=None)
             .returning(User)
         ).scalar_one_or_none()
         if user is None:
             db.session.rollback()
-            log.error("registration %s: pending row vanished before it was completed", user_id)
-            raise IrisError()  # a 500 whose message says nothing internal
+            log.warning("registration %s: the pending row is no longer ours to complete", lease.user_id)
+            raise LeaseLost()
         db.session.expunge(user)
     try:
         db.session.commit()
@@ -213,34 +383,96 @@ class CompletionUnknown(DatabaseUnavailable):
     """The database went away during or after the completing COMMIT, so it may have committed (503)."""
 
 
-def _undo(user_id: uuid.UUID, clerk_user_id: str | None = None) -> bool:
-    """Delete the Clerk user of a pending registration (if any), then its row.
+def _undo(lease: Lease, clerk_user_ids: list[str]) -> bool:
+    """Delete the given Clerk users of a leased pending registration, then its row.
 
-    Returns True when both are gone. When Clerk cannot be asked, or the row cannot be deleted, the row stays
-    pending for the next attempt or ``reconcile``: it is never deleted while a Clerk user may still exist.
+    Returns True when all are gone. When Clerk cannot be asked, or the row cannot be deleted, the row stays
+    pending for the next attempt or ``reconcile``: it is never deleted while a Clerk user may still exist. A
+    delete whose answer was lost may still land, so the lease is extended before giving up.
     """
     try:
-        if clerk_user_id is not None:
+        for clerk_user_id in clerk_user_ids:
             clerk.delete_user(clerk_user_id)
-        for match in clerk.find_users(external_id=str(user_id)):
-            clerk.delete_user(match["id"])
-    except IrisError:
-        log.warning("registration %s: Clerk unreachable while undoing; left pending", user_id)
+    except IrisError as error:
+        if clerk.may_still_land(error):
+            _hold(lease)
+        log.warning("registration %s: Clerk unreachable while undoing; left pending", lease.user_id)
         return False
-    return _delete_pending_row(user_id)
+    return _release(lease)
 
 
-def _delete_pending_row(user_id: uuid.UUID, *, strict: bool = False) -> bool:
+def _release(lease: Lease) -> bool:
+    """Delete the leased pending row; True when this lease deleted it.
+
+    Only for a row Clerk holds no user for. If the database cannot be reached the row stays pending, and the
+    next settler finds no Clerk user and deletes it.
+    """
     try:
-        db.session.execute(sa.delete(User).where(User.id == user_id, User.clerk_user_id.is_(None)))
+        deleted = db.session.execute(
+            sa.delete(User).where(
+                User.id == lease.user_id, User.pending_owner == lease.owner, User.clerk_user_id.is_(None)
+            )
+        ).rowcount
+        db.session.commit()
+    except DATABASE_UNREACHABLE as error:
+        db.session.rollback()
+        log.warning(
+            "registration %s: database unreachable while undoing (%s); left pending",
+            lease.user_id,
+            type(error).__name__,
+        )
+        return False
+    if not deleted:
+        log.warning("registration %s: the pending row was no longer ours to delete", lease.user_id)
+    return bool(deleted)
+
+
+def _hold(lease: Lease) -> int:
+    """Extend the lease to a full pending timeout from now (a Clerk write of ours may still land); return it
+    in seconds, for Retry-After. If the database cannot be told, the lease taken earlier stands."""
+    timeout = _pending_timeout()
+    try:
+        db.session.execute(
+            sa.update(User)
+            .where(User.id == lease.user_id, User.pending_owner == lease.owner, User.clerk_user_id.is_(None))
+            .values(pending_until=datetime.now(UTC) + timeout)
+        )
+        db.session.commit()
+    except DATABASE_UNREACHABLE as error:
+        db.session.rollback()
+        log.warning(
+            "registration %s: database unreachable while extending its lease (%s)",
+            lease.user_id,
+            type(error).__name__,
+        )
+    return int(timeout.total_seconds()) + 1
+
+
+def _expire(lease: Lease) -> None:
+    """Give the lease up at once (nothing of ours is in flight at Clerk), so another settler may claim it."""
+    try:
+        db.session.execute(
+            sa.update(User)
+            .where(User.id == lease.user_id, User.pending_owner == lease.owner, User.clerk_user_id.is_(None))
+            .values(pending_until=datetime.now(UTC))
+        )
         db.session.commit()
     except DATABASE_UNREACHABLE:
         db.session.rollback()
-        log.warning("registration %s: database unreachable while undoing; left pending", user_id)
-        if strict:
-            raise
-        return False
-    return True
+
+
+def _claim(user_id: uuid.UUID, now: datetime) -> Lease | None:
+    """Take the lease on pending row ``user_id`` if it has run out; None if it has not, or the row is complete
+    or gone. One conditional UPDATE, so of several settlers exactly one gets it."""
+    lease = Lease(user_id, uuid.uuid4())
+    with _database():
+        claimed = db.session.execute(
+            sa.update(User)
+            .where(User.id == user_id, User.clerk_user_id.is_(None), User.pending_until < now)
+            .values(pending_owner=lease.owner, pending_until=now + _pending_timeout())
+        ).rowcount
+        db.session.commit()
+    return lease if claimed else None
 
 
 @contextmanager
@@ -251,6 +483,10 @@ def _database() -> Iterator[None]:
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
         raise DatabaseUnavailable(retry_after=5) from error
+
+
+def _seconds_until(moment: datetime, now: datetime) -> int:
+    return max(1, int((moment - now).total_seconds()) + 1)
 
 
 def _aware(moment: datetime) -> datetime:

@@ -121,7 +121,7 @@ def print_figures(title: str, figures: dict) -> None:
 BOUNCER_POOL_SIZE = 3  # server connections PgBouncer shares among all clients: fewer than the app's pool of 5
 DRILL_THREADS = 8  # concurrent HTTP clients: more than the app's pool, which is more than PgBouncer's
 REGISTRATIONS_PER_THREAD = 250  # 2,000 registrations in all, each followed by GET /readyz and /users/me
-STALE_REGISTRATIONS = 40  # pending rows older than PENDING_TIMEOUT; half of them have their Clerk user
+STALE_REGISTRATIONS = 40  # pending rows whose lease ran out long ago; half of them have their Clerk user
 RECONCILE_AFTER = 300  # registrations made before reconcile runs alongside the load
 CONTROL_THREADS = 8
 CONTROL_QUERIES = 40  # per connection: well past psycopg's default prepare_threshold of 5
@@ -174,8 +174,8 @@ def make_stale_registrations(url: sa.URL, standin) -> list[str]:
     with psycopg.connect(libpq_url(url)) as connection:
         for user_id, email in zip(ids, emails, strict=True):
             connection.execute(
-                "INSERT INTO users (id, email, role, created_at)"
-                " VALUES (%s, %s, 'restaurant', now() - interval '10 minutes')",
+                "INSERT INTO users (id, email, role, created_at, pending_until)"
+                " VALUES (%s, %s, 'restaurant', now() - interval '10 minutes', now() - interval '8 minutes')",
                 (user_id, email),
             )
     for user_id, email in list(zip(ids, emails, strict=True))[: STALE_REGISTRATIONS // 2]:

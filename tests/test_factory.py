@@ -176,3 +176,24 @@ def test_proxy_fix_only_with_trusted_hops(schema, hops):
     if hops:
         assert app.wsgi_app.x_for == 2
         assert app.wsgi_app.x_proto == 1  # set, not appended, by the nearest proxy
+
+
+def test_the_pending_timeout_defaults_to_120_seconds_and_is_read_from_the_environment(tmp_path):
+    base = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x"}
+    settings = config.from_environment(base, development=False, instance_path=str(tmp_path))
+    assert settings["IRIS_PENDING_TIMEOUT_SECONDS"] == 120
+    environ = {**base, "IRIS_PENDING_TIMEOUT_SECONDS": " 25 "}
+    settings = config.from_environment(environ, development=False, instance_path=str(tmp_path))
+    assert settings["IRIS_PENDING_TIMEOUT_SECONDS"] == 25
+
+
+@pytest.mark.parametrize("value", ["5s", "2.5", "0", "-100"])
+def test_a_pending_timeout_that_is_not_a_positive_whole_number_stops_start_up(tmp_path, value):
+    environ = {
+        "DATABASE_URL": "sqlite://",
+        "FLASK_SECRET_KEY": "k",
+        "CLERK_SECRET_KEY": "sk_x",
+        "IRIS_PENDING_TIMEOUT_SECONDS": value,
+    }
+    with pytest.raises(config.ConfigError, match="Iris cannot start: IRIS_PENDING_TIMEOUT_SECONDS must be"):
+        config.from_environment(environ, development=False, instance_path=str(tmp_path))

@@ -260,7 +260,10 @@ def test_register_400(client, body):
 def test_register_409_taken_and_in_progress(app, client):
     register(client, "a@b.example")
     assert_conforms(post_register(client, "a@b.example"), REGISTER, 409)
-    pending = "INSERT INTO users (id, email, role) VALUES (:id, 'c@d.example', 'restaurant')"
+    pending = (
+        "INSERT INTO users (id, email, role, pending_until)"
+        " VALUES (:id, 'c@d.example', 'restaurant', now() + interval '1 minute')"
+    )
     execute(app, pending, id=uuid.uuid4())
     response = post_register(client, "c@d.example")
     assert_conforms(response, REGISTER, 409)

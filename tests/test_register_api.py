@@ -15,45 +15,19 @@ import sqlalchemy as sa
 from iris.clerk_standin import DEFAULT_SECRET_KEY
 from iris.extensions import db
 from tests.conftest import make_test_app
+from tests.helpers import (
+    PASSWORD,
+    URL,
+    assert_error,
+    assert_nothing_left,
+    clerk_posts,
+    clerk_users,
+    expire_leases,
+    password_works,
+    rows,
+)
 
-PASSWORD = "correct horse battery staple"
-URL = "/api/v1/auth/register"
-
-
-def clerk_users(standin, **params) -> list[dict]:
-    """Users the stand-in holds, read over its Backend API like any Clerk client would."""
-    response = requests.get(
-        standin.api_url + "/users",
-        params={"limit": 500, **params},
-        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
-        timeout=5,
-    )
-    response.raise_for_status()
-    return response.json()
-
-
-def rows(app) -> list[sa.Row]:
-    with app.app_context():
-        return db.session.execute(
-            sa.text("SELECT id, email, clerk_user_id, role, deleted_at FROM users")
-        ).all()
-
-
-def clerk_posts(standin) -> int:
-    return standin.control.stats()["requests"].get("POST /v1/users", 0)
-
-
-def assert_nothing_left(app, standin):
-    assert rows(app) == []
-    assert clerk_users(standin) == []
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.get_data(as_text=True)
-    error = response.json["error"]
-    assert error["code"] == code
-    assert error["request_id"] == response.headers["X-Request-ID"]
-    return error
+__all__ = ["PASSWORD", "URL", "assert_error", "clerk_users", "rows"]  # still imported from here elsewhere
 
 
 def test_register_creates_the_clerk_user_and_the_row_pointing_at_each_other(app, client, standin):
@@ -240,6 +214,7 @@ def test_clerk_429_is_429_with_clerks_retry_after(app, client, standin):
 
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_clerk_5xx_is_503_and_leaves_nothing(app, client, standin, status):
+    """A 5xx in Clerk's own error envelope: Clerk's handling is over, and a lookup shows it stored nothing."""
     standin.control.add_fault(method="POST", path="/v1/users", status=status, times=1)
     response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 503, "auth_provider_unavailable")
@@ -247,21 +222,49 @@ def test_clerk_5xx_is_503_and_leaves_nothing(app, client, standin, status):
     assert_nothing_left(app, standin)
 
 
-def test_clerk_timing_out_is_503_and_leaves_nothing(app, client, standin):
-    standin.control.add_fault(method="POST", path="/v1/users", action="hang", seconds=3, times=1)
+@pytest.mark.parametrize(
+    "fault", [{"action": "hang", "seconds": 3}, {"action": "drop"}], ids=["timeout", "dropped-connection"]
+)
+def test_a_lost_create_answer_keeps_the_email_until_the_create_can_no_longer_land(
+    app, client, standin, fault
+):
+    """A timeout or a dropped connection is not a "no": Clerk may still store the user. The row stays pending
+    (its lease as long as IRIS_PENDING_TIMEOUT_SECONDS) and the answer says when to come back."""
+    standin.control.add_fault(method="POST", path="/v1/users", times=1, **fault)
     response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 503, "auth_provider_unavailable")
-    assert_nothing_left(app, standin)
+    timeout = app.config["IRIS_PENDING_TIMEOUT_SECONDS"]
+    assert int(response.headers["Retry-After"]) == timeout + 1
+    assert [row.clerk_user_id for row in rows(app)] == [None]
+    assert clerk_users(standin) == []
+
+    # Asking again before then: the email is held, and the answer says for how long.
+    again = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    error = assert_error(again, 409, "email_taken")
+    assert "in progress" in error["message"]
+    assert 0 < int(again.headers["Retry-After"]) <= timeout + 1
+    assert clerk_posts(standin) == 1
+
+    # Once the create can no longer land, the next attempt settles the old one and succeeds.
+    expire_leases(app)
+    created = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
+    assert created.status_code == 201, created.json
+    [clerk_user] = clerk_users(standin)
+    assert [(str(row.id), row.clerk_user_id) for row in rows(app)] == [(created.json["id"], clerk_user["id"])]
 
 
-def test_clerk_dropping_the_connection_is_503_and_leaves_nothing(app, client, standin):
-    standin.control.add_fault(method="POST", path="/v1/users", action="drop", times=1)
+def test_a_gateway_5xx_in_front_of_clerk_is_a_lost_answer(app, client, standin):
+    """A 502 page from a proxy in front of Clerk (no Clerk error envelope): Clerk may still be working on the
+    create, so the email stays reserved as after a timeout."""
+    standin.control.add_fault(method="POST", path="/v1/users", action="garbage", status=502, times=1)
     response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 503, "auth_provider_unavailable")
-    assert_nothing_left(app, standin)
+    assert int(response.headers["Retry-After"]) == app.config["IRIS_PENDING_TIMEOUT_SECONDS"] + 1
+    assert [row.clerk_user_id for row in rows(app)] == [None]
 
 
 def test_clerk_answering_garbage_is_502_and_leaves_nothing(app, client, standin):
+    """A 2xx with an unreadable body: Clerk's handling is over, and a lookup shows it stored nothing."""
     standin.control.add_fault(method="POST", path="/v1/users", action="garbage", times=1)
     response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 502, "auth_provider_error")
@@ -277,15 +280,20 @@ def test_clerk_answering_garbage_is_502_and_leaves_nothing(app, client, standin)
         {"action": "hang", "seconds": 3},
     ],
 )
-def test_clerk_creating_the_user_and_losing_the_answer_leaves_nothing(app, client, standin, fault):
+def test_clerk_creating_the_user_and_losing_the_answer_completes_the_registration(
+    app, client, standin, fault
+):
+    """Clerk stored the user but its answer was lost: the lookup by external_id finds it, and the
+    registration completes with it. The password given is the one that works."""
     standin.control.add_fault(method="POST", path="/v1/users", after_commit=True, times=1, **fault)
     response = client.post(URL, json={"email": "a@b.example", "password": PASSWORD})
-    assert response.status_code in (502, 503)
-    # The user Clerk did create was found by external_id and deleted again.
-    assert_nothing_left(app, standin)
-    assert standin.control.stats()["requests"]["DELETE /v1/users/<user_id>"] == 1
-    # And the email is free for the next attempt at once.
-    assert client.post(URL, json={"email": "a@b.example", "password": PASSWORD}).status_code == 201
+    assert response.status_code == 201, response.json
+    [clerk_user] = clerk_users(standin)
+    assert clerk_user["external_id"] == response.json["id"]
+    assert response.json["clerk_user_id"] == clerk_user["id"]
+    assert [row.clerk_user_id for row in rows(app)] == [clerk_user["id"]]
+    assert password_works(standin, clerk_user["id"], PASSWORD)
+    assert "DELETE /v1/users/<user_id>" not in standin.control.stats()["requests"]
 
 
 def test_wrong_clerk_secret_key_is_502(schema, standin):

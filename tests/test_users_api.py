@@ -77,7 +77,8 @@ def test_a_pending_registration_never_matches_a_token(app, client, standin):
     row_id = uuid.uuid4()
     execute(
         app,
-        "INSERT INTO users (id, email, role) VALUES (:id, 'late@bistro.example', 'restaurant')",
+        "INSERT INTO users (id, email, role, pending_until)"
+        " VALUES (:id, 'late@bistro.example', 'restaurant', now())",
         id=row_id,
     )
     pending = clerk_user(standin, "late@bistro.example", external_id=str(row_id))
@@ -116,7 +117,8 @@ def test_an_admin_may_read_any_complete_account(app, client, standin):
     pending_id = uuid.uuid4()
     execute(
         app,
-        "INSERT INTO users (id, email, role) VALUES (:id, 'p@bistro.example', 'restaurant')",
+        "INSERT INTO users (id, email, role, pending_until)"
+        " VALUES (:id, 'p@bistro.example', 'restaurant', now())",
         id=pending_id,
     )
     assert_error(client.get(f"/api/v1/users/{pending_id}", headers=bearer(token)), 404, "not_found")
