@@ -34,6 +34,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         IRIS_PROXY_HOPS=0,
         IRIS_PENDING_TIMEOUT_SECONDS=config.DEFAULT_PENDING_TIMEOUT_SECONDS,
         DATABASE_URL_DIRECT=None,
+        IRIS_DB_STATEMENT_TIMEOUT_MS=config.DEFAULT_STATEMENT_TIMEOUT_MS,
         # Rate limits per client IP. Counters live in RATELIMIT_STORAGE_URI: memory:// is per process, so
         # several gunicorn workers need a shared store (redis://...). If the store fails, requests go on
         # with per-process counters rather than failing.
@@ -54,7 +55,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     uri = config.database_uri(app.config["SQLALCHEMY_DATABASE_URI"])
     app.config["SQLALCHEMY_DATABASE_URI"] = uri
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = config.engine_options(
-        uri, app.config.get("SQLALCHEMY_ENGINE_OPTIONS")
+        uri,
+        app.config.get("SQLALCHEMY_ENGINE_OPTIONS"),
+        statement_timeout_ms=app.config["IRIS_DB_STATEMENT_TIMEOUT_MS"],
     )
 
     from iris import models  # registers the models with db.metadata

@@ -28,10 +28,19 @@ REQUIRED_OUTSIDE_DEVELOPMENT = {
     "FLASK_SECRET_KEY": "SECRET_KEY",
 }
 
+# Upper bound for any one statement or lock wait on PostgreSQL (IRIS_DB_STATEMENT_TIMEOUT_MS). A blocked
+# query (a table locked by a migration, a hung backend) would otherwise hold a gunicorn thread for as long as
+# it lasts.
+DEFAULT_STATEMENT_TIMEOUT_MS = 5000
+
 # How long after reserving an email, or after losing Clerk's answer to a write, that write may still land at
 # Clerk (iris.registration): longer than a whole registration (98.7 s at worst, see gunicorn.conf.py) and
 # than any request Clerk may still be working on when Iris stops waiting.
 DEFAULT_PENDING_TIMEOUT_SECONDS = 120
+
+# The engine execution option that carries the bound to every connection of the app's engine;
+# iris.extensions applies it at the start of each transaction. None on a connection turns it off (migrations).
+STATEMENT_TIMEOUT_OPTION = "iris_statement_timeout_ms"
 
 
 class ConfigError(RuntimeError):
@@ -50,10 +59,18 @@ def database_uri(url: str) -> str:
     return url
 
 
-def engine_options(uri: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """SQLAlchemy engine options for ``uri``, with ``overrides`` merged in (``connect_args`` key by key).
+def engine_options(
+    uri: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+) -> dict[str, Any]:
+    """SQLAlchemy engine options for ``uri``, with ``overrides`` merged in (``connect_args`` and
+    ``execution_options`` key by key).
 
-    The PostgreSQL settings are for Neon behind its PgBouncer pooler (ops-notes.md section 1).
+    The PostgreSQL settings are for Neon behind its PgBouncer pooler (ops-notes.md section 1). On PostgreSQL
+    every transaction is bounded by ``statement_timeout_ms`` (see ``STATEMENT_TIMEOUT_OPTION``); SQLite gets
+    no options at all.
     """
     options: dict[str, Any] = {}
     if uri.startswith("postgresql"):
@@ -75,10 +92,13 @@ def engine_options(uri: str, overrides: Mapping[str, Any] | None = None) -> dict
                 # Server-side prepared statements break behind PgBouncer in transaction mode.
                 "prepare_threshold": None,
             },
+            # Not a connect argument (`options=-c statement_timeout=...`): PgBouncer in transaction mode
+            # refuses that startup parameter, so the bound is set inside each transaction instead.
+            "execution_options": {STATEMENT_TIMEOUT_OPTION: statement_timeout_ms},
         }
     for key, value in (overrides or {}).items():
-        if key == "connect_args":
-            options["connect_args"] = {**options.get("connect_args", {}), **value}
+        if key in ("connect_args", "execution_options"):
+            options[key] = {**options.get(key, {}), **value}
         else:
             options[key] = value
     return options
@@ -87,7 +107,7 @@ def engine_options(uri: str, overrides: Mapping[str, Any] | None = None) -> dict
 def direct_engine(url: str) -> sa.Engine:
     """An engine for DATABASE_URL_DIRECT (migrations, checks): no pool, the app's connect arguments.
 
-    The caller disposes of it when done.
+    It carries no statement timeout: a long migration is legitimate. The caller disposes of it when done.
     """
     uri = database_uri(url)
     return sa.create_engine(
@@ -112,6 +132,9 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
         "IRIS_TIMEZONE": env.get("IRIS_TIMEZONE", "Europe/Stockholm"),
         "IRIS_SIGNUP_ROLES": _split(env.get("IRIS_SIGNUP_ROLES", "restaurant")),
         "IRIS_PROXY_HOPS": _integer(env, "IRIS_PROXY_HOPS", 0),
+        "IRIS_DB_STATEMENT_TIMEOUT_MS": _integer(
+            env, "IRIS_DB_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT_MS, minimum=1
+        ),
         "IRIS_PENDING_TIMEOUT_SECONDS": _integer(
             env, "IRIS_PENDING_TIMEOUT_SECONDS", DEFAULT_PENDING_TIMEOUT_SECONDS, minimum=1
         ),

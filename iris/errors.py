@@ -117,8 +117,28 @@ HTTP_MESSAGES = {
     415: "Unsupported content type.",
 }
 
-# Database errors that mean "cannot reach the database", not "the query is wrong".
+# Database errors that mean "cannot reach the database", not "the query is wrong". A statement PostgreSQL
+# cancelled because IRIS_DB_STATEMENT_TIMEOUT_MS ran out is an OperationalError too: the same 503.
 DATABASE_UNREACHABLE = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError)
+
+# SQLSTATEs of a statement PostgreSQL cancelled: query_canceled (statement_timeout) and lock_not_available
+# (lock_timeout).
+STATEMENT_CANCELLED = ("57014", "55P03")
+
+
+def database_failure(error: BaseException | None) -> str:
+    """Why the database failed, for the log: ``statement timed out: <type> (<PostgreSQL's message>)`` when
+    PostgreSQL cancelled the statement, else ``unreachable: <type>``.
+
+    Only type names and PostgreSQL's fixed message for a cancelled statement: a connection error's own text
+    can name hosts and users.
+    """
+    if error is None:
+        return "unavailable"
+    original: Any = getattr(error, "orig", None)
+    if getattr(original, "sqlstate", None) in STATEMENT_CANCELLED:
+        return f"statement timed out: {type(original).__name__} ({original.diag.message_primary})"
+    return f"unreachable: {type(error).__name__}"
 
 
 def request_id() -> str:
@@ -196,9 +216,18 @@ def seconds_until_limit_resets() -> int:
     return max(1, math.ceil(current.reset_at - time.time())) if current is not None else 60
 
 
+def handle_database_unavailable(error: DatabaseUnavailable) -> Response:
+    """503 ``database_unavailable`` with Retry-After, and one log line saying why, without a traceback:
+    ``database statement timed out: ...`` or ``database unreachable: ...`` (see ``database_failure``)."""
+    log.warning("database %s", database_failure(error.__cause__))
+    return handle_iris_error(error)
+
+
 def handle_database_unreachable(error: Exception) -> Response:
-    log.warning("database unreachable: %s", type(error).__name__)
-    return handle_iris_error(DatabaseUnavailable(retry_after=5))
+    """A database error no code below the view turned into ``DatabaseUnavailable``: the same answer."""
+    unavailable = DatabaseUnavailable(retry_after=5)
+    unavailable.__cause__ = error
+    return handle_database_unavailable(unavailable)
 
 
 def handle_unexpected(error: Exception) -> Response:
@@ -246,6 +275,7 @@ def init_app(app: Flask) -> None:
     app.after_request(add_request_id_header)
     app.register_error_handler(IrisError, handle_iris_error)
     app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(DatabaseUnavailable, handle_database_unavailable)
     for error_class in DATABASE_UNREACHABLE:
         app.register_error_handler(error_class, handle_database_unreachable)
     app.register_error_handler(500, handle_unexpected)

@@ -9,6 +9,8 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import DeclarativeBase
 
+from iris.config import STATEMENT_TIMEOUT_OPTION
+
 
 class Base(DeclarativeBase):
     # Stable constraint names, so migrations can name (and later drop) every constraint.
@@ -42,3 +44,29 @@ def register_limit() -> str:
 # come from the app config (RATELIMIT_STORAGE_URI, RATELIMIT_ENABLED, ...). The limits are read from the
 # config on each request: Flask-Limiter would otherwise keep the first app's defaults for every later app.
 limiter = Limiter(key_func=get_remote_address, default_limits=[default_limit])
+
+
+@sa.event.listens_for(sa.Engine, "begin")
+def bound_the_transaction(connection: sa.Connection) -> None:
+    """Start every PostgreSQL transaction with statement_timeout and lock_timeout set LOCAL to the
+    connection's ``STATEMENT_TIMEOUT_OPTION`` (milliseconds), in one round trip.
+
+    Guarantee: on an engine built with ``config.engine_options`` (the app's), no statement and no lock wait
+    in any transaction lasts longer than IRIS_DB_STATEMENT_TIMEOUT_MS; PostgreSQL cancels it, and the app
+    answers 503 ``database_unavailable``. The settings end with the transaction (``set_config(..., true)`` is
+    ``SET LOCAL``), so they never outlive it on a pooled connection, nor on a PgBouncer server connection
+    that the next client gets. Engines without the option (SQLite in development, ``config.direct_engine``,
+    any other engine) and connections that set it to None (migrations/env.py) are left alone.
+
+    Listening on the Engine class covers every engine, however many apps one process builds; the value
+    travels with each engine's execution options, so each app keeps its own and no registry is needed.
+    """
+    timeout = connection.get_execution_options().get(STATEMENT_TIMEOUT_OPTION)
+    if not timeout or connection.dialect.name != "postgresql":
+        return
+    # One statement: psycopg's extended protocol refuses two in one string, and a second would cost another
+    # round trip. Runs inside the transaction this event begins (SQLAlchemy allows executing here).
+    connection.exec_driver_sql(
+        "SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout', %(ms)s, true)",
+        {"ms": str(timeout)},
+    )

@@ -61,6 +61,7 @@ from iris.errors import (
     EmailTaken,
     IrisError,
     ValidationFailed,
+    database_failure,
 )
 from iris.extensions import db
 from iris.models import User, normalise_email
@@ -417,9 +418,7 @@ def _release(lease: Lease) -> bool:
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
         log.warning(
-            "registration %s: database unreachable while undoing (%s); left pending",
-            lease.user_id,
-            type(error).__name__,
+            "registration %s: database %s while undoing; left pending", lease.user_id, database_failure(error)
         )
         return False
     if not deleted:
@@ -441,9 +440,7 @@ def _hold(lease: Lease) -> int:
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
         log.warning(
-            "registration %s: database unreachable while extending its lease (%s)",
-            lease.user_id,
-            type(error).__name__,
+            "registration %s: database %s while extending its lease", lease.user_id, database_failure(error)
         )
     return int(timeout.total_seconds()) + 1
 

@@ -1,7 +1,9 @@
 """Alembic environment for Flask-Migrate.
 
 Online migrations run over DATABASE_URL_DIRECT when it is set (Neon: DDL and session settings need a direct
-connection, not the transaction-mode pooler), otherwise over the app's own engine.
+connection, not the transaction-mode pooler), otherwise over the app's own engine. Either way they run without
+the app's statement timeout (IRIS_DB_STATEMENT_TIMEOUT_MS): a long migration is legitimate. A migration that
+must not queue behind other sessions for long sets its own ``SET LOCAL lock_timeout``.
 """
 
 import logging
@@ -11,7 +13,7 @@ import sqlalchemy as sa
 from alembic import context
 from flask import current_app
 
-from iris.config import direct_engine
+from iris.config import STATEMENT_TIMEOUT_OPTION, direct_engine
 
 config = context.config
 
@@ -52,6 +54,9 @@ def run_migrations_online() -> None:
     engine = get_engine()
     try:
         with engine.connect() as connection:
+            # The app's engine bounds every transaction (iris.extensions.bound_the_transaction); this
+            # connection opts out before its first transaction begins. The direct engine has no bound at all.
+            connection.execution_options(**{STATEMENT_TIMEOUT_OPTION: None})
             context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
             with context.begin_transaction():
                 context.run_migrations()

@@ -23,7 +23,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, Self
 
@@ -104,6 +105,23 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, interva
 def libpq_url(url: sa.URL) -> str:
     """A SQLAlchemy URL as a libpq connection string for psycopg.connect."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def scratch_database(admin_engine: sa.Engine) -> Iterator[sa.URL]:
+    """A new, empty database on ``admin_engine``'s server (the role needs CREATEDB); its URL.
+
+    For tests that go through PgBouncer, which refuses the per-test schemas' ``options=-csearch_path=...``
+    startup parameter. Dropped afterwards (WITH FORCE: even with connections left open), whatever happened.
+    """
+    name = f"iris_drill_{uuid.uuid4().hex[:10]}"
+    with admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_engine.url.set(database=name)
+    finally:
+        with admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def read_text(path: str) -> str:

@@ -178,22 +178,36 @@ def test_proxy_fix_only_with_trusted_hops(schema, hops):
         assert app.wsgi_app.x_proto == 1  # set, not appended, by the nearest proxy
 
 
-def test_the_pending_timeout_defaults_to_120_seconds_and_is_read_from_the_environment(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "default"), [("IRIS_DB_STATEMENT_TIMEOUT_MS", 5000), ("IRIS_PENDING_TIMEOUT_SECONDS", 120)]
+)
+def test_timeouts_have_defaults_and_are_read_from_the_environment(tmp_path, name, default):
     base = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x"}
     settings = config.from_environment(base, development=False, instance_path=str(tmp_path))
-    assert settings["IRIS_PENDING_TIMEOUT_SECONDS"] == 120
-    environ = {**base, "IRIS_PENDING_TIMEOUT_SECONDS": " 25 "}
-    settings = config.from_environment(environ, development=False, instance_path=str(tmp_path))
-    assert settings["IRIS_PENDING_TIMEOUT_SECONDS"] == 25
+    assert settings[name] == default
+    settings = config.from_environment({**base, name: " 25 "}, development=False, instance_path=str(tmp_path))
+    assert settings[name] == 25
 
 
+@pytest.mark.parametrize("name", ["IRIS_DB_STATEMENT_TIMEOUT_MS", "IRIS_PENDING_TIMEOUT_SECONDS"])
 @pytest.mark.parametrize("value", ["5s", "2.5", "0", "-100"])
-def test_a_pending_timeout_that_is_not_a_positive_whole_number_stops_start_up(tmp_path, value):
-    environ = {
-        "DATABASE_URL": "sqlite://",
-        "FLASK_SECRET_KEY": "k",
-        "CLERK_SECRET_KEY": "sk_x",
-        "IRIS_PENDING_TIMEOUT_SECONDS": value,
-    }
-    with pytest.raises(config.ConfigError, match="Iris cannot start: IRIS_PENDING_TIMEOUT_SECONDS must be"):
+def test_a_timeout_that_is_not_a_positive_whole_number_stops_start_up(tmp_path, name, value):
+    environ = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x", name: value}
+    with pytest.raises(config.ConfigError, match=f"Iris cannot start: {name} must be"):
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
+
+
+def test_each_app_engine_carries_its_own_statement_timeout(schema):
+    from iris.extensions import db
+    from tests.conftest import make_test_app
+
+    default, short = make_test_app(schema), make_test_app(schema, IRIS_DB_STATEMENT_TIMEOUT_MS=1234)
+    for app, expected in ((default, 5000), (short, 1234)):
+        with app.app_context():
+            assert db.engine.get_execution_options()[config.STATEMENT_TIMEOUT_OPTION] == expected
+
+
+def test_the_direct_engine_for_migrations_carries_no_statement_timeout():
+    engine = config.direct_engine("postgresql://u@db.example/iris")
+    assert config.STATEMENT_TIMEOUT_OPTION not in engine.get_execution_options()
+    engine.dispose()
