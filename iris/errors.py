@@ -19,9 +19,10 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy.exc
-from flask import Flask, Response, g, jsonify, render_template, request
+from flask import Flask, Response, current_app, g, jsonify, render_template, request
 from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
@@ -202,13 +203,81 @@ def handle_http_exception(error: HTTPException) -> Response:
     if isinstance(error, RateLimitExceeded):
         return handle_iris_error(RateLimited(retry_after=seconds_until_limit_resets()))
     if isinstance(error, CSRFError):
-        return error_response(400, "csrf_failed", "This form has expired. Reload the page and try again.")
+        return handle_csrf_error(error)
     code = HTTP_CODES.get(status) or (error.name or "error").lower().replace(" ", "_")
     message = HTTP_MESSAGES.get(status) or error.name or "Error"
     headers = {}
     if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
         headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
     return error_response(status, code, message, headers=headers)
+
+
+# Flask-WTF's reasons for refusing a form (``CSRFError.description``), each with what the person can do about
+# it and what the operator should check. The person never sees the technical reason.
+RELOAD = "Reload the page and try again."
+CSRF_REASONS: dict[str, tuple[str, str]] = {
+    "The CSRF token is missing.": (
+        "This form did not come from this site, so nothing was done. Open the page here and try again.",
+        "the form had no CSRF token: posted from another site, by a script, or from a page not rendered here",
+    ),
+    "The CSRF session token is missing.": (
+        "Your browser did not send back this site's cookie. Allow cookies for this site, then reload the "
+        "page and try again.",
+        "the session cookie did not come back: cookies blocked by the browser, or the session ended",
+    ),
+    "The CSRF token has expired.": (
+        f"This form has expired. {RELOAD}",
+        "the form's CSRF token expired: the page was open longer than WTF_CSRF_TIME_LIMIT",
+    ),
+    "The CSRF token is invalid.": (
+        f"This form could not be checked. {RELOAD}",
+        "the form's CSRF token has a bad signature: altered, or signed with another FLASK_SECRET_KEY (every "
+        "instance must share one)",
+    ),
+    "The CSRF tokens do not match.": (
+        f"This form belongs to an earlier visit. {RELOAD}",
+        "the form's CSRF token belongs to another session: the session cookie changed since the page loaded",
+    ),
+    "The referrer header is missing.": (
+        "Your browser did not say which page sent this form, so it was not accepted. If a privacy setting or "
+        "extension hides the referring page, allow it for this site, then reload the page and try again.",
+        "an https form POST came without a Referer: the browser, an extension or a proxy removed it (Iris "
+        "sends Referrer-Policy: same-origin)",
+    ),
+    "The referrer does not match the host.": (
+        "This form was sent from another site, so nothing was done. Open the page here and try again.",
+        "the Referer's origin is not https://<Host>/: another site posted the form, or the proxy does not "
+        "pass on the Host as the browser sent it, port included (nginx: proxy_set_header Host $http_host)",
+    ),
+}
+# The session cookie is Secure outside development: browsers keep it only over https, so a site served over
+# plain http can never have a form accepted. Say so instead of blaming the person's cookies.
+OVER_PLAIN_HTTP = (
+    "This site only works over a secure connection. Open the page with https:// and try again.",
+    "the session cookie did not come back because the request came over plain http and the cookie is Secure: "
+    "serve the site over https only; behind a proxy, send X-Forwarded-Proto and set IRIS_PROXY_HOPS",
+)
+
+
+def csrf_explanation(reason: str) -> tuple[str, str]:
+    """(message for the person, log line for the operator) for a Flask-WTF refusal reason. A reason this table
+    does not know (a newer Flask-WTF) gets a general message, and the reason itself goes to the log."""
+    cookie_kept_from_http = not current_app.config["SESSION_COOKIE_SECURE"]
+    if reason == "The CSRF session token is missing." and not request.is_secure and not cookie_kept_from_http:
+        return OVER_PLAIN_HTTP
+    message, problem = CSRF_REASONS.get(reason, (f"This form could not be accepted. {RELOAD}", reason))
+    if request.referrer and reason == "The referrer does not match the host.":
+        referrer = urlsplit(request.referrer)  # its origin only: a path or query may carry a token
+        problem += f"; Referer origin {referrer.scheme}://{referrer.netloc}, Host {request.host}"
+    return message, problem
+
+
+def handle_csrf_error(error: CSRFError) -> Response:
+    """A refused form: an HTML 400 ``csrf_failed`` saying what the person can do, and one warning log line
+    saying what the operator should check. Nothing the form carried is logged."""
+    message, problem = csrf_explanation(error.description or "")
+    log.warning("form refused on %s %s: %s", request.method, request.path, problem)
+    return error_response(400, "csrf_failed", message)
 
 
 def seconds_until_limit_resets() -> int:

@@ -26,14 +26,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, Self
+from typing import Any, Self
 
 import psycopg
-import pytest
 import requests
 import sqlalchemy as sa
 
 from tests import drill_app
+from tests.helpers import unavailable
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVICE_USER = "postgres"  # the system user the servers run as when the tests run as root
@@ -44,13 +44,6 @@ ME = "/api/v1/users/me"
 
 
 # ------------------------------------------------------------------------------------------ environment
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip on a developer machine; fail in CI (``CI`` set), where these tests must always run."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: these tests must run there, so this fails instead of skipping)")
-    pytest.skip(reason)
 
 
 def find_tool(name: str, package: str) -> str:

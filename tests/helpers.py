@@ -4,9 +4,12 @@ no state."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
+import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
@@ -78,6 +81,14 @@ def assert_error(response, status: int, code: str) -> dict:
     assert error["code"] == code
     assert error["request_id"] == response.headers["X-Request-ID"]
     return error
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A tool a test needs is missing: skip on a developer's machine, fail in CI (``CI`` set), where .ci/run
+    installs everything and no test may quietly skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: these tests must run there, so this fails instead of skipping)")
+    pytest.skip(reason)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:

@@ -7,7 +7,8 @@ certificate made here), with clients bound to 127.0.0.2 and 127.0.0.3:
   plain listener;
 - a forged X-Forwarded-For or X-Forwarded-Proto from the client changes nothing;
 - controls: a client that reaches gunicorn directly, or an app that trusts one hop too many, is fooled by
-  the same forged header (why gunicorn binds loopback and IRIS_PROXY_HOPS must be exact).
+  the same forged header (why gunicorn binds loopback and IRIS_PROXY_HOPS must be exact);
+- a form posted over TLS on a test port is accepted: the Host reaches the app with its port.
 Also: gunicorn.conf.py loads with its environment overrides, its timeouts cover the worst-case registration,
 and with preload_app each worker starts with an empty database pool.
 
@@ -17,16 +18,12 @@ skip with that reason on a developer's machine and fail in CI (CI set), where .c
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
 import os
 import re
 import runpy
-import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,7 +32,6 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,38 +40,23 @@ import sqlalchemy as sa
 
 from iris import clerk, create_app, security
 from iris.extensions import db
-from tests.conftest import TEST_DATABASE_URL, make_test_app, migrate
-from tests.test_register_api import PASSWORD, URL
-from tests.tls import self_signed_certificate
-
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = ROOT / "gunicorn.conf.py"
-NGINX_SITE = ROOT / "deploy" / "nginx-iris.conf"
-# Debian installs it in /usr/sbin, which is not on every user's PATH.
-NGINX = (
-    shutil.which(os.environ["IRIS_NGINX"])
-    if os.environ.get("IRIS_NGINX")
-    else shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+from tests.conftest import make_test_app
+from tests.helpers import PASSWORD, URL
+from tests.servers import (
+    GUNICORN_CONF,
+    NGINX_SITE,
+    OWN_VARIABLES,
+    ROOT,
+    Gunicorn,
+    Site,
+    app_environment,
+    behind_nginx,
+    migrated_schema,
 )
 
 CLIENT = "127.0.0.2"  # the client's source address over TLS
 OTHER_CLIENT = "127.0.0.3"  # ... and over plain http
 FORGED = "6.6.6.6"
-STARTUP_SECONDS = 30
-# Settings the tests choose themselves; a developer's shell must not leak in.
-OWN_VARIABLES = (
-    "FLASK_DEBUG",
-    "GUNICORN_CMD_ARGS",
-    "GUNICORN_BIND",
-    "PORT",
-    "WEB_CONCURRENCY",
-    "GUNICORN_THREADS",
-    "GUNICORN_PRELOAD",
-    "GUNICORN_MAX_REQUESTS",
-    "FORWARDED_ALLOW_IPS",
-    "IRIS_PROXY_HOPS",
-    "RATELIMIT_STORAGE_URI",
-)
 
 
 # --- gunicorn.conf.py ------------------------------------------------------------------------------------
@@ -184,238 +165,6 @@ def nginx_seconds(site: str, directive: str) -> int:
     return int(values[0])
 
 
-# --- gunicorn processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
-    """The production environment for gunicorn, against ``schema`` of the test database and the stand-in."""
-    url = sa.make_url(TEST_DATABASE_URL).set(
-        drivername="postgresql", query={"options": f"-csearch_path={schema}"}
-    )
-    env = {name: value for name, value in os.environ.items() if name not in OWN_VARIABLES}
-    env.update(
-        DATABASE_URL=url.render_as_string(hide_password=False),
-        FLASK_SECRET_KEY="test",
-        CLERK_SECRET_KEY=standin.secret_key,
-        CLERK_API_URL=standin.base_url,
-        GUNICORN_BIND="127.0.0.1:0",
-        PYTHONUNBUFFERED="1",
-        **variables,
-    )
-    return env
-
-
-class Gunicorn:
-    """``gunicorn -c <config> <app>`` in its own process; its stderr and stdout go to a file."""
-
-    def __init__(
-        self, directory: Path, env: dict[str, str], *, app: str = "wsgi:app", config: Path = GUNICORN_CONF
-    ):
-        self.log_path = directory / f"gunicorn-{uuid.uuid4().hex[:6]}.log"
-        self.command = [sys.executable, "-m", "gunicorn", "-c", str(config), app]
-        self.env = env
-        self.workers = int(env.get("WEB_CONCURRENCY", "2"))
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def __enter__(self) -> Gunicorn:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        try:
-            deadline = time.monotonic() + STARTUP_SECONDS
-            while time.monotonic() < deadline:
-                text = self.text()
-                found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
-                if found and text.count("Booting worker") >= self.workers:
-                    self.port = int(found.group(1))
-                    if self._answers():
-                        return self
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.1)
-            raise AssertionError("gunicorn did not start:\n" + self.text())
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _answers(self) -> bool:
-        """A worker has loaded the app (without preload, workers boot before they import it)."""
-        try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # graceful, as a deploy stops it
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def records(self) -> list[dict[str, Any]]:
-        """The JSON lines the app wrote (gunicorn's own lines are plain text)."""
-        records = []
-        for line in self.text().splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    records.append(json.loads(line))
-        return records
-
-    def request_line(self, request_id: str) -> dict[str, Any]:
-        """The app's request log line for ``request_id`` (written before the response left)."""
-        deadline = time.monotonic() + 5
-        while True:
-            for record in self.records():
-                if record.get("logger") == "iris.request" and record.get("request_id") == request_id:
-                    return record
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no request log line for {request_id}:\n{self.text()[-4000:]}")
-            time.sleep(0.05)
-
-
-# --- nginx -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def nginx_binary() -> str:
-    if NGINX is None:
-        message = "nginx not installed (apt-get install nginx; IRIS_NGINX names another binary)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}: it is required in CI, where .ci/run should install it")
-        pytest.skip(message)
-    return NGINX
-
-
-def write_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for https://127.0.0.1 and its key, as files in ``directory``."""
-    certificate, key = self_signed_certificate(dns_names=(), ca=False)
-    certificate_path, key_path = directory / "tls.crt", directory / "tls.key"
-    certificate_path.write_bytes(certificate)
-    key_path.write_bytes(key)
-    return certificate_path, key_path
-
-
-def replace_once(text: str, old: str, new: str) -> str:
-    assert text.count(old) == 1, f"{NGINX_SITE.name} should contain {old!r} once; update this test with it"
-    return text.replace(old, new)
-
-
-def site_for_test(upstream_port: int, ports: dict[str, int], certificate: Path, key: Path) -> str:
-    """deploy/nginx-iris.conf with loopback test ports and the test certificate, nothing else changed."""
-    site = NGINX_SITE.read_text()
-    site = replace_once(site, "server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
-    site = replace_once(site, "listen 80;", f"listen 127.0.0.1:{ports['redirect']};")
-    site = replace_once(site, "listen 443 ssl;", f"listen 127.0.0.1:{ports['tls']} ssl;")
-    site = replace_once(site, "listen [::]:80;", "")
-    site = replace_once(site, "listen [::]:443 ssl;", "")
-    live = "/etc/letsencrypt/live/accounts.example.com/"
-    site = replace_once(site, live + "fullchain.pem", str(certificate))
-    return replace_once(site, live + "privkey.pem", str(key))
-
-
-def nginx_config(directory: Path, site_path: Path, plain_port: int) -> str:
-    """A private main configuration: the site, plus a test-only plain-http listener with the site's own
-    ``location /``, to show what the app sees without TLS."""
-    site = NGINX_SITE.read_text()
-    locations = re.findall(r"^    location / \{\n.*?^    \}\n", site, re.MULTILINE | re.DOTALL)
-    assert len(locations) == 1, f"{NGINX_SITE.name} should have one `location /` block"
-    return f"""
-daemon off;
-worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {directory}/nginx-error.log notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log {directory}/nginx-access.log;
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    include {site_path};
-    server {{
-        listen 127.0.0.1:{plain_port};
-{locations[0]}    }}
-}}
-"""
-
-
-class Nginx:
-    """Debian's nginx in the foreground on a private prefix: no system configuration, pid file or log."""
-
-    def __init__(self, binary: str, directory: Path, config: str, ports: list[int]):
-        self.directory = directory
-        self.config_path = directory / "nginx.conf"
-        self.config_path.write_text(config)
-        self.command = [
-            binary,
-            "-p",
-            f"{directory}/",
-            "-c",
-            str(self.config_path),
-            "-e",
-            f"{directory}/nginx-error.log",
-        ]
-        self.ports = ports
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Nginx:
-        with open(self.directory / "nginx-output.log", "wb") as log:
-            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + STARTUP_SECONDS
-            while not all(self._accepts(port) for port in self.ports):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("nginx did not start:\n" + self.log_text())
-                time.sleep(0.05)
-            return self
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @staticmethod
-    def _accepts(port: int) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-        return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)  # graceful shutdown
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def log_text(self) -> str:
-        parts = []
-        for name in ("nginx-output.log", "nginx-error.log"):
-            path = self.directory / name
-            if path.exists():
-                parts.append(path.read_text(errors="replace"))
-        return "\n".join(parts)
-
-
 # --- the stack: client -> nginx -> gunicorn -> app -------------------------------------------------------
 
 
@@ -429,9 +178,12 @@ class Answer:
 
 @dataclass
 class Stack:
-    gunicorn: Gunicorn
-    ports: dict[str, int]
+    site: Site
     tls: ssl.SSLContext
+
+    @property
+    def gunicorn(self) -> Gunicorn:
+        return self.site.gunicorn
 
     def call(
         self, listener: str, path: str = "/healthz", *, source: str, method: str = "GET",
@@ -439,7 +191,7 @@ class Stack:
     ) -> Answer:  # fmt: skip
         """One request from ``source`` (a loopback address) to ``listener``: tls, plain, redirect or
         gunicorn (directly)."""
-        port = self.gunicorn.port if listener == "gunicorn" else self.ports[listener]
+        port = self.gunicorn.port if listener == "gunicorn" else self.site.ports[listener]
         address = {"timeout": 10, "source_address": (source, 0)}
         if listener == "tls":
             connection = http.client.HTTPSConnection("127.0.0.1", port, context=self.tls, **address)
@@ -463,31 +215,17 @@ class Stack:
 @pytest.fixture(scope="module")
 def deployment_schema(admin_engine: sa.Engine, standin_server) -> Iterator[str]:
     """A migrated schema for the module's gunicorn, dropped at the end of the module."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with admin_engine.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{name}"'))
-    app = make_test_app(name)
-    migrate(app)
-    with app.app_context():
-        db.engine.dispose()
-    yield name
-    with admin_engine.begin() as connection:
-        connection.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
+    with migrated_schema(admin_engine) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
-def stack(nginx_binary, deployment_schema, standin_server, tmp_path_factory) -> Iterator[Stack]:
+def stack(deployment_schema, standin_server, tmp_path_factory) -> Iterator[Stack]:
     """gunicorn (gunicorn.conf.py, IRIS_PROXY_HOPS=1, 2 workers) behind nginx running the example site."""
     directory = tmp_path_factory.mktemp("deployment")
     env = app_environment(deployment_schema, standin_server, IRIS_PROXY_HOPS="1", WEB_CONCURRENCY="2")
-    certificate, key = write_certificate(directory)
-    with Gunicorn(directory, env) as gunicorn:
-        ports = {"tls": free_port(), "redirect": free_port(), "plain": free_port()}
-        site_path = directory / "iris-site.conf"
-        site_path.write_text(site_for_test(gunicorn.port, ports, certificate, key))
-        config = nginx_config(directory, site_path, ports["plain"])
-        with Nginx(nginx_binary, directory, config, list(ports.values())):
-            yield Stack(gunicorn, ports, ssl.create_default_context(cafile=str(certificate)))
+    with behind_nginx(directory, env) as site:
+        yield Stack(site, ssl.create_default_context(cafile=str(site.certificate)))
 
 
 def test_over_tls_the_app_sees_the_client_address_and_https_and_sends_hsts(stack):
@@ -534,6 +272,26 @@ def test_a_registration_and_the_readiness_check_go_through_the_proxy(stack):
 
     ready = stack.call("tls", "/readyz", source=CLIENT)
     assert (ready.status, json.loads(ready.body)) == (200, {"status": "ok", "database": "ok"})
+
+
+def test_a_form_posted_over_tls_on_a_port_other_than_443_is_accepted(stack):
+    """Over https Flask-WTF wants the Referer's origin to be https://<Host>/: nginx must pass on the Host with
+    the port the browser used (``$http_host``; ``$host`` drops it). The browser tests do this in Chromium."""
+    page = stack.call("tls", "/signup", source=CLIENT)
+    assert page.status == 200
+    token = re.search(rb'name="csrf_token" type="hidden" value="([^"]+)"', page.body).group(1).decode()
+    cookie = page.headers["Set-Cookie"].split(";")[0]
+    origin = f"https://127.0.0.1:{stack.site.ports['tls']}"
+    email = f"{uuid.uuid4().hex[:10]}@form.example"
+    form = f"csrf_token={token}&email={email}&password={PASSWORD.replace(' ', '+')}".encode()
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Cookie": cookie,
+        "Referer": origin + "/signup",
+    }
+    answer = stack.call("tls", "/signup", source=CLIENT, method="POST", headers=headers, body=form)
+    assert answer.status == 303, answer.body
+    assert answer.headers["Location"] == "/signup/done"
 
 
 def test_plain_http_on_the_public_port_only_redirects_to_https(stack):

@@ -567,7 +567,7 @@ def test_docs_renders_in_chromium_under_the_apps_csp_with_no_violation(live_url)
     goes to the app itself."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_signup_browser import CHROMIUM_ARGS
+    from tests.browsers import CHROMIUM_ARGS
 
     csp = requests.get(live_url + "/docs", timeout=5).headers.get("Content-Security-Policy", "")
     directives = dict(part.strip().partition(" ")[::2] for part in csp.split(";") if part.strip())

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.conftest import make_test_app, migrate
-from tests.test_register_api import PASSWORD, clerk_users, rows
+from tests.helpers import PASSWORD, clerk_users, rows
 
 EMAIL = "owner@bistro.example"
 
@@ -150,7 +150,9 @@ def test_a_form_post_without_a_csrf_token_is_an_html_400(csrf_app, standin):
     response = signup(csrf_app.test_client())
     assert response.status_code == 400
     assert response.mimetype == "text/html"
-    assert "This form has expired" in response.get_data(as_text=True)
+    page = response.get_data(as_text=True)
+    assert "<h1>Your form was not sent</h1>" in page
+    assert "This form did not come from this site" in page  # tests/test_form_refusals.py: every reason
     assert standin.control.stats()["requests"].get("POST /v1/users", 0) == 0
 
 
