@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Blueprint, abort, current_app, g, request, url_for
 
@@ -29,15 +31,59 @@ class UnsupportedMediaType(IrisError):
 
 
 def json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or the matching envelope error."""
+    """The request body as a JSON object, or the matching envelope error; never anything that becomes a 500.
+
+    A content type other than JSON is 415 ``unsupported_media_type``. The body must be UTF-8 JSON text
+    (RFC 8259; a ``charset`` parameter changes nothing) holding one object, with no ``NaN``/``Infinity``,
+    no key given twice in one object and no lone surrogate (``"\\ud800"``) in any string. Anything else,
+    nesting too deep for the parser included, is 400 ``invalid_json``.
+    """
     if not request.is_json:
         raise UnsupportedMediaType()
-    body = request.get_json(silent=True)
-    if body is None:
-        raise InvalidJSON()
+    try:
+        text = request.get_data().decode("utf-8")
+        body = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8, bad syntax and integers too long to convert; RecursionError is deep
+        # nesting, which the parser reports by running out of stack rather than as a syntax error.
+        raise InvalidJSON() from None
     if not isinstance(body, dict):
         raise InvalidJSON("The request body must be a JSON object.")
+    if _has_lone_surrogate(body):
+        raise InvalidJSON("The request body holds a \\u escape that is not a Unicode character.")
     return body
+
+
+def _no_constants(name: str) -> NoReturn:
+    raise InvalidJSON(f"{name} is not a JSON number.")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two readers of one body must not disagree about it: a repeated key would be the last one here and
+    # possibly the first one elsewhere.
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise InvalidJSON("The request body gives a key more than once in one object.")
+    return body
+
+
+# The body was decoded as strict UTF-8 and the parser joins escaped surrogate pairs, so any surrogate left
+# came from a lone escape: text that cannot be stored, or sent on to Clerk, as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    pending = [value]
+    while pending:  # a loop, not recursion: a body may nest nearly as deep as the stack allows
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and _SURROGATE.search(item):
+            return True
+    return False
 
 
 @bp.post("/auth/register")
