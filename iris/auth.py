@@ -9,6 +9,11 @@ or, failing that header, in the ``__session`` cookie, and the token passes every
   ``sub`` and ``sid`` are required non-empty strings. ``azp`` must be present and listed when
   CLERK_AUTHORIZED_PARTIES is non-empty. ``iss`` must equal the Frontend API origin encoded in
   CLERK_PUBLISHABLE_KEY when that is set. A ``cat`` header other than the session category is rejected.
+- Only an active session signs in. ``sts: "pending"`` (the session exists, but a step Clerk requires, such
+  as a forced password reset, setting up MFA or choosing an organisation, is not done) is refused with a
+  message saying so, as Clerk's front-end SDKs treat it as signed out. A token without ``sts`` counts as
+  active, as Clerk's SDKs count it: version 1 tokens carry no such claim. Any other value (a status this
+  module does not know, ``null``, a number) is refused.
 - Keys: CLERK_JWT_KEY (a PEM public key) when set, with no network call at all and the ``kid`` ignored;
   otherwise Clerk's JWKS (``iris.clerk.get_jwks``), cached per process for ``JWKS_TTL`` seconds. A miss (an
   unknown ``kid``, or a signature that fails with the cached key for its ``kid``: Clerk keeps the kid across
@@ -106,6 +111,10 @@ class UserNotFound(IrisError):
 
 INVALID = "The session token is invalid."
 EXPIRED = "The session token has expired; get a fresh one."
+PENDING = (
+    "The session is pending: a step the sign-in requires (such as a password reset, setting up two-factor"
+    " authentication or choosing an organisation) is not finished. Finish signing in, then get a fresh token."
+)
 
 
 def require_user(view: Callable[P, R]) -> Callable[P, R]:
@@ -125,10 +134,10 @@ def require_user(view: Callable[P, R]) -> Callable[P, R]:
 def current_user() -> User | None:
     """The signed-in user for a page, or None when the request is signed out.
 
-    Signed out means no token, or a token that fails verification: a ``__session`` cookie expires every
-    minute unless Clerk's frontend refreshes it, so an expired cookie is not an error on a page. Still raises
-    ``Forbidden``, ``UserNotFound`` and the 503s (Clerk or the database unreachable): those are not
-    "signed out" but "cannot tell" or "this account may not be used".
+    Signed out means no token, or a token that fails verification (a pending session's included): a
+    ``__session`` cookie expires every minute unless Clerk's frontend refreshes it, so an expired cookie is
+    not an error on a page. Still raises ``Forbidden``, ``UserNotFound`` and the 503s (Clerk or the database
+    unreachable): those are not "signed out" but "cannot tell" or "this account may not be used".
     """
     try:
         return authenticate()
@@ -163,7 +172,8 @@ def token_from_request() -> str | None:
 
 
 def verify_token(token: str) -> dict[str, Any]:
-    """The claims of ``token`` if it is a valid session token of this Clerk instance; else ``Unauthorized``.
+    """The claims of ``token`` if it is a valid token of an active session of this Clerk instance; else
+    ``Unauthorized``.
 
     Needs an app context (configuration, the key cache). May fetch Clerk's JWKS (module docstring).
     """
@@ -186,6 +196,12 @@ def verify_token(token: str) -> dict[str, Any]:
     for name in ("sub", "sid"):
         if not isinstance(claims.get(name), str) or not claims[name]:
             raise _rejected(f"no {name}")
+    # Version 1 tokens carry no sts; a status added later is not assumed to be a sign-in.
+    status = claims.get("sts", "active")
+    if status == "pending":
+        raise _rejected("session pending (sts)", PENDING)
+    if status != "active":
+        raise _rejected("unknown session status (sts)")
     parties = current_app.config.get("CLERK_AUTHORIZED_PARTIES") or []
     if parties and claims.get("azp") not in parties:
         raise _rejected("azp not authorized")

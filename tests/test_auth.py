@@ -73,6 +73,7 @@ def claims(sub: str | None, **changes) -> dict:
         "jti": secrets.token_hex(10),
         "nbf": now - 10,
         "sid": "sess_" + secrets.token_hex(12),
+        "sts": "active",
         "sub": sub,
         "v": 2,
     }
@@ -242,6 +243,38 @@ def test_a_token_without_kid_is_401(client, standin, user):
 def test_sub_and_sid_are_required_strings(client, standin, user, changes):
     token = standin.control.sign(claims(**{"sub": user["clerk_user_id"], **changes}))
     assert_unauthorized(client.get(ME, headers=bearer(token)), token)
+
+
+# ---- session status (sts): only an active session signs in
+
+
+def test_a_pending_session_is_401_with_a_message_that_says_why(client, standin, user):
+    """A required step (password reset, MFA setup, choosing an organisation) is not done yet."""
+    token = standin.control.sign(claims(user["clerk_user_id"], sts="pending"))
+    error = assert_unauthorized(client.get(ME, headers=bearer(token)), token)
+    assert error["message"] == auth.PENDING
+    assert error["message"].startswith("The session is pending")
+
+
+def test_a_pending_session_cookie_shows_the_signed_out_page(client, standin, user):
+    client.set_cookie("__session", standin.control.sign(claims(user["clerk_user_id"], sts="pending")))
+    response = client.get("/account")
+    assert response.status_code == 200
+    assert "You are signed out" in response.get_data(as_text=True)
+    assert user["email"] not in response.get_data(as_text=True)
+
+
+def test_a_token_without_sts_is_accepted(client, standin, user):
+    """Version 1 tokens carry neither ``v`` nor ``sts``."""
+    token = standin.control.sign(claims(user["clerk_user_id"], sts=None, v=None))
+    assert client.get(ME, headers=bearer(token)).json["id"] == user["id"]
+
+
+@pytest.mark.parametrize("status", ["revoked", "ended", "Active", "", None, 1, ["active"]])
+def test_an_unknown_session_status_is_401(client, standin, user, status):
+    token = standin.control.sign({**claims(user["clerk_user_id"]), "sts": status})
+    error = assert_unauthorized(client.get(ME, headers=bearer(token)), token)
+    assert error["message"] == "The session token is invalid."
 
 
 # ---- azp, only when CLERK_AUTHORIZED_PARTIES is set
@@ -577,6 +610,7 @@ def test_tokens_never_reach_the_logs(client, standin, user, caplog):
         standin.control.sign(claims(sub, exp=int(time.time()) - 60)),
         standin.control.sign(claims(sub), {"kid": "ins_unknown"}),
         standin.control.sign(claims(sub, sid=None)),
+        standin.control.sign(claims(sub, sts="pending")),
         "not-a-token",
     ]
     for token in tokens:
