@@ -6,6 +6,8 @@ Tokens come from the Clerk stand-in over real HTTP; accounts live in real Postgr
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import requests
 import sqlalchemy as sa
@@ -51,7 +53,9 @@ def test_me_is_the_signed_in_users_json(client, standin):
     assert response.status_code == 200
     assert set(response.json) == {"id", "email", "clerk_user_id", "role", "created_at", "updated_at"}
     assert response.json == user
-    assert response.json["created_at"].endswith("+01:00")  # IRIS_TIMEZONE, winter time
+    # IRIS_TIMEZONE (Europe/Stockholm by default), with the offset in force at the row's own instant.
+    created_at = datetime.fromisoformat(response.json["created_at"])
+    assert response.json["created_at"] == created_at.astimezone(ZoneInfo("Europe/Stockholm")).isoformat()
 
 
 def test_me_without_a_token_is_401(client):
