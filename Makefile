@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 ## local Clerk stand-in on http://127.0.0.1:5001 (stopped again when the app stops)
 run: $(VENV)/.installed
 	FLASK_DEBUG=1 $(BIN)/flask db upgrade
-	$(BIN)/python -m iris.clerk_standin --host 127.0.0.1 --port 5001 \
+	$(BIN)/python -m clerk_standin --host 127.0.0.1 --port 5001 \
 		--key-file instance/clerk-standin-key.pem & standin=$$!; \
 	trap 'kill $$standin 2>/dev/null' EXIT INT TERM; \
 	FLASK_DEBUG=1 $(BIN)/flask run --host 127.0.0.1 --port 5000

@@ -20,7 +20,7 @@ What it measures, in one run (design.md, "Performance targets"):
 
 It creates a throwaway database ``iris_bench_<random>`` on PostgreSQL (127.0.0.1:5432, user postgres unless
 ``--pg-url`` says otherwise), runs the migrations with ``flask db upgrade``, starts the stand-in
-(``python -m iris.clerk_standin``) and gunicorn (gthread worker class) on free loopback ports, warms up, runs
+(``python -m clerk_standin``) and gunicorn (gthread worker class) on free loopback ports, warms up, runs
 the scenarios for a fixed time each, prints a table, stops everything and drops the database, also on
 failure. The load generator is Python threads in this process, one ``requests.Session`` (keep-alive) per
 client, and shares the machine's CPU with gunicorn, the stand-in and PostgreSQL; the table shows where the
@@ -184,7 +184,7 @@ def app_environment(standin_url: str, db_url: str) -> dict[str, str]:
 
 class StandinControl:
     """The stand-in's control API over one kept-alive connection, so control calls do not add to the
-    stand-in's ``connections_accepted`` (iris.clerk_standin.StandinControl opens one per call)."""
+    stand-in's ``connections_accepted`` (clerk_standin.StandinControl opens one per call)."""
 
     def __init__(self, base_url: str) -> None:
         self.base = base_url + "/__standin"
@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
                 [
                     sys.executable,
                     "-m",
-                    "iris.clerk_standin",
+                    "clerk_standin",
                     "--quiet",
                     "--host",
                     HOST,

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from clerk_standin import DEFAULT_SECRET_KEY, StandinServer
 from iris import create_app
-from iris.clerk_standin import DEFAULT_SECRET_KEY, StandinServer
 from iris.config import database_uri
 from iris.extensions import db
 

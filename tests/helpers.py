@@ -14,7 +14,7 @@ import requests
 import sqlalchemy as sa
 from flask import Flask
 
-from iris.clerk_standin import DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_SECRET_KEY
 from iris.extensions import db
 
 PASSWORD = "correct horse battery staple"

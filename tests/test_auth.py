@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, g
 
+from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY
 from iris import auth
-from iris.clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY
 from iris.config import ConfigError
 from iris.extensions import db
 from tests.conftest import make_test_app, migrate

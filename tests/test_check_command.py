@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from click.testing import Result
 from flask import Flask
 
-from iris.clerk_standin import DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_SECRET_KEY
 from tests import drill_support
 from tests.check_cluster import SSLCluster
 from tests.conftest import TEST_DATABASE_URL, make_test_app

@@ -24,7 +24,7 @@ import jwt
 import pytest
 import requests
 
-from iris.clerk_standin import (
+from clerk_standin import (
     BREACHED_PASSWORDS,
     DEFAULT_AZP,
     DEFAULT_ISSUER,
@@ -37,7 +37,7 @@ from iris.clerk_standin import (
 ID_RE = {prefix: re.compile(rf"^{prefix}_[0-9A-Za-z]{{27}}$") for prefix in ("user", "idn", "sess", "ins")}
 TIMEOUT = 5
 
-# Fields clerk-backend-api 7.0.0's User model requires (clerk-wire.md section 2.8).
+# Fields clerk-backend-api 7.0.0's User model requires (the SDK's own model, not our choice).
 REQUIRED_USER_FIELDS = {
     "id",
     "object",
@@ -880,7 +880,7 @@ def test_cli_serves_with_defaults_and_logs_no_bodies(tmp_path: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     key_file = tmp_path / "k.pem"
-    command = [sys.executable, "-m", "iris.clerk_standin", "--port", str(port), "--key-file", str(key_file)]
+    command = [sys.executable, "-m", "clerk_standin", "--port", str(port), "--key-file", str(key_file)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     base = f"http://127.0.0.1:{port}"

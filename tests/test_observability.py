@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from iris.clerk_standin import DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_SECRET_KEY
 from iris.observability import json_handler
 from tests.conftest import make_test_app, migrate
 from tests.test_register_api import URL

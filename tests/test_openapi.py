@@ -42,7 +42,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from werkzeug.serving import make_server
 
-from iris.clerk_standin import DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_SECRET_KEY
 from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
 from iris.extensions import db
 from tests.conftest import make_test_app, migrate

@@ -13,7 +13,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from iris.clerk_standin import DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_SECRET_KEY
 from iris.extensions import db
 from tests.conftest import make_test_app
 from tests.helpers import (

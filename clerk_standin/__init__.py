@@ -1,0 +1,85 @@
+"""A local stand-in for Clerk's Backend API (BAPI), speaking Clerk's real wire format.
+
+A separate WSGI application, beside ``iris`` and independent of it: it imports nothing from ``iris``, and
+nothing in ``iris`` imports it (``tests/test_layout.py`` checks). It serves the subset of
+``https://api.clerk.com/v1`` the accounts backend uses, in Clerk's wire format as its API reference and SDKs
+define it:
+
+- ``POST /v1/users``, ``GET /v1/users/{id}``, ``DELETE /v1/users/{id}``, ``GET /v1/users``
+  (filters, paging, ordering; a bare JSON array), ``GET /v1/users/count`` and
+  ``POST /v1/users/{id}/verify_password``;
+- ``POST /v1/sessions`` and ``POST /v1/sessions/{id}/tokens`` (RS256 session tokens with
+  Clerk's v2 claims and header);
+- ``GET /v1/jwks``.
+
+Guarantees:
+
+- Every ``/v1`` request needs ``Authorization: Bearer <secret key>``; failures, validation
+  errors and unknown routes answer with Clerk's error envelope
+  ``{"errors": [{"message", "long_message", "code", "meta"?}], "clerk_trace_id"}``.
+- Every ``/v1`` response carries ``Clerk-Api-Version``, echoing the request's
+  ``Clerk-API-Version`` header (default ``2021-02-05``).
+- Passwords are validated and kept only as a salted digest in memory, for
+  ``POST /v1/users/{id}/verify_password``: never stored in clear, echoed or logged.
+  Request bodies are never logged.
+- State is in memory and guarded by locks; list ordering is stable for equal timestamps.
+
+A control API under ``/__standin`` (no auth) lets tests inject latency (a create delayed past the
+caller's timeout is stored all the same), error statuses, hangs, dropped connections, garbage
+bodies, "commit then fail" answers and requests held until a test releases them, read request and
+connection counts, rotate the signing key and sign arbitrary tokens. See ``docs/clerk-standin.md``.
+
+The modules, one job each:
+
+- ``wire``: ids, timestamps, Clerk's error envelope and error entries, the password policy;
+- ``keys``: RSA signing keys, their ``kid`` and JWK, the key file;
+- ``faults``: fault parsing, the faults in force, held requests, the faulty answers;
+- ``app``: ``ClerkStandin``, the WSGI app (the ``/v1`` routes, the control API, the state);
+- ``server``: werkzeug's threaded server with working HTTP/1.1 keep-alive (``serve()``,
+  ``make_server()``, ``StandinServer`` for tests) and ``StandinControl``, the control-API client;
+- ``__main__``: the CLI, ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
+  [--key-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``.
+
+Users import from the package: ``from clerk_standin import StandinServer``.
+"""
+
+from clerk_standin.app import (
+    CONTROL_PREFIX,
+    DEFAULT_AZP,
+    DEFAULT_ISSUER,
+    DEFAULT_SECRET_KEY,
+    DEFAULT_TOKEN_LIFETIME,
+    ClerkStandin,
+)
+from clerk_standin.faults import Fault, parse_fault
+from clerk_standin.keys import SigningKey, load_or_create_private_key
+from clerk_standin.server import StandinControl, StandinServer, make_server, serve
+from clerk_standin.wire import (
+    BREACHED_PASSWORDS,
+    DEFAULT_API_VERSION,
+    MIN_PASSWORD_LENGTH,
+    SESSION_TOKEN_CATEGORY,
+    ClerkAPIError,
+)
+
+__all__ = [
+    "BREACHED_PASSWORDS",
+    "CONTROL_PREFIX",
+    "DEFAULT_API_VERSION",
+    "DEFAULT_AZP",
+    "DEFAULT_ISSUER",
+    "DEFAULT_SECRET_KEY",
+    "DEFAULT_TOKEN_LIFETIME",
+    "MIN_PASSWORD_LENGTH",
+    "SESSION_TOKEN_CATEGORY",
+    "ClerkAPIError",
+    "ClerkStandin",
+    "Fault",
+    "SigningKey",
+    "StandinControl",
+    "StandinServer",
+    "load_or_create_private_key",
+    "make_server",
+    "parse_fault",
+    "serve",
+]

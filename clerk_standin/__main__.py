@@ -1,0 +1,35 @@
+"""The stand-in's command line: ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
+[--key-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``. Serves in the foreground until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+
+from clerk_standin.app import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, ClerkStandin
+from clerk_standin.server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clerk_standin", description="Local Clerk Backend API stand-in."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--secret-key", default=DEFAULT_SECRET_KEY)
+    parser.add_argument("--key-file", default=None, help="PEM RSA private key; created when missing")
+    parser.add_argument("--issuer", default=DEFAULT_ISSUER, help="iss claim of session tokens")
+    parser.add_argument("--azp", default=DEFAULT_AZP, help="azp claim of session tokens")
+    parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    app = ClerkStandin(args.secret_key, key_file=args.key_file, issuer=args.issuer, azp=args.azp)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(app, args.host, args.port, log_requests=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,816 @@
+"""The stand-in as a WSGI app: Clerk's ``/v1`` routes over in-memory state, and the control API.
+
+``ClerkStandin`` serves the subset of ``https://api.clerk.com/v1`` the accounts backend uses (users,
+sessions, session tokens, the JWKS) in Clerk's wire format (``clerk_standin.wire``), and wraps it in the
+request counting and fault injection (``clerk_standin.faults``) that the control API under ``/__standin``
+drives. It binds no socket: ``clerk_standin.server`` runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import traceback
+import weakref
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from clerk_standin.faults import FaultTable, apply_fault
+from clerk_standin.keys import SigningKey, generate_private_key, load_or_create_private_key
+from clerk_standin.wire import (
+    DEFAULT_API_VERSION,
+    SESSION_TOKEN_CATEGORY,
+    STATUS_CODES,
+    ClerkAPIError,
+    check_password,
+    check_password_digest,
+    clerk_error,
+    error_body,
+    identifier_exists,
+    is_int,
+    new_id,
+    not_found,
+    now_ms,
+    param_missing,
+    param_type_invalid,
+    param_unknown,
+    param_value_invalid,
+    password_digest,
+)
+
+log = logging.getLogger("clerk_standin")
+
+DEFAULT_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 - public, local-only default
+DEFAULT_ISSUER = "https://standin.clerk.accounts.dev"
+DEFAULT_AZP = "http://127.0.0.1:5000"
+DEFAULT_TOKEN_LIFETIME = 60
+CONTROL_PREFIX = "/__standin"
+
+TOKEN_LIFETIME_RANGE = (30, 315_360_000)
+LIST_LIMIT_RANGE = (1, 500)
+SESSION_LIFETIME_MS = 7 * 24 * 3600 * 1000
+SESSION_ABANDON_MS = 30 * 24 * 3600 * 1000
+
+
+CREATE_USER_PARAMS = frozenset(
+    {
+        "email_address",
+        "password",
+        "external_id",
+        "skip_password_checks",
+        "first_name",
+        "last_name",
+        "public_metadata",
+        "private_metadata",
+        "unsafe_metadata",
+        "username",
+    }
+)
+CREATE_SESSION_PARAMS = frozenset({"user_id", "active_organization_id"})
+CREATE_TOKEN_PARAMS = frozenset({"expires_in_seconds"})
+ORDER_FIELDS = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
+
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+
+
+class ClerkStandin:
+    """The stand-in as a WSGI application (``ClerkStandin(...)`` is callable as WSGI).
+
+    Args:
+        secret_key: the only accepted ``Authorization: Bearer`` value on ``/v1``.
+        private_key: RSA signing key; ``key_file`` loads/creates one; otherwise generated.
+        issuer: ``iss`` claim of minted session tokens.
+        azp: ``azp`` claim of minted session tokens.
+
+    Thread-safe: all state sits behind ``self.lock``, except the faults, which sit behind their own
+    (``self.faults``, a ``FaultTable``). ``reset()`` returns it to the state it had when constructed
+    (no users, sessions, faults or counts; original signing key).
+    """
+
+    def __init__(
+        self,
+        secret_key: str = DEFAULT_SECRET_KEY,
+        *,
+        private_key: rsa.RSAPrivateKey | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        issuer: str = DEFAULT_ISSUER,
+        azp: str = DEFAULT_AZP,
+    ):
+        if not secret_key:
+            raise ValueError("secret_key must not be empty")
+        if private_key is None:
+            private_key = load_or_create_private_key(key_file) if key_file else generate_private_key()
+        self.secret_key = secret_key
+        self.issuer = issuer
+        self.azp = azp
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.initial_key = SigningKey.from_private_key(private_key)
+        self.keys: list[SigningKey] = [self.initial_key]
+        self.users: dict[str, dict[str, Any]] = {}
+        self.password_digests: dict[str, bytes] = {}
+        self.user_seq: dict[str, int] = {}
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.faults = FaultTable()
+        self.request_counts: Counter[str] = Counter()
+        self.connections_accepted = 0
+        self.api_connections = 0
+        self.api_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._seq = itertools.count()
+        self.flask_app = self._build_flask_app()
+
+    # ---- state helpers
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The key that signs new tokens (first in the JWKS)."""
+        with self.lock:
+            return self.keys[0]
+
+    def reset(self) -> None:
+        """Drop users, sessions, faults and counts; restore the original signing key. Requests
+        held by a ``hold`` fault go on."""
+        self.faults.reset()
+        with self.lock:
+            self.users.clear()
+            self.user_seq.clear()
+            self.password_digests.clear()
+            self.sessions.clear()
+            self.request_counts.clear()
+            self.connections_accepted = 0
+            self.api_connections = 0
+            self.api_sockets = weakref.WeakSet()
+            self.keys = [self.initial_key]
+
+    def rotate_key(self, keep_previous: bool = False) -> SigningKey:
+        """Sign with a new key from now on. The JWKS serves only the new key, or the new key
+        followed by the previous signing key when ``keep_previous`` is true."""
+        new_key = SigningKey.generate()
+        with self.lock:
+            self.keys = [new_key, self.keys[0]] if keep_previous else [new_key]
+        return new_key
+
+    def note_connection_accepted(self) -> None:
+        """Called by the server for every accepted TCP connection."""
+        with self.lock:
+            self.connections_accepted += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Request counts per ``"METHOD /route"`` (``/v1`` and other non-control paths only),
+        connections that carried such requests, and all accepted TCP connections."""
+        with self.lock:
+            return {
+                "requests": dict(sorted(self.request_counts.items())),
+                "requests_total": sum(self.request_counts.values()),
+                "connections": self.api_connections,
+                "connections_accepted": self.connections_accepted,
+            }
+
+    def sign(self, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+        """Sign ``claims`` exactly as given with the current key. The header defaults to
+        ``{"alg": "RS256", "kid": <current kid>, "typ": "JWT", "cat": <session category>}``;
+        ``header`` entries override those, and a ``None`` value removes the entry. ``alg`` may
+        be RS256, RS384 or RS512."""
+        key = self.signing_key
+        merged: dict[str, Any] = {
+            "alg": "RS256",
+            "kid": key.kid,
+            "typ": "JWT",
+            "cat": SESSION_TOKEN_CATEGORY,
+        }
+        merged.update(header or {})
+        algorithm = merged.pop("alg", None) or "RS256"
+        if algorithm not in ("RS256", "RS384", "RS512"):
+            raise ValueError("alg must be RS256, RS384 or RS512")
+        headers = {name: value for name, value in merged.items() if value is not None}
+        if "typ" not in headers:
+            headers["typ"] = None  # PyJWT drops a falsy typ instead of adding "JWT"
+        return jwt.encode(claims, key.private_key, algorithm=algorithm, headers=headers)
+
+    # ---- WSGI entry point: control API, stats and faults around the Flask app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "") or "/"
+        if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
+            return self.flask_app(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        self._count_request(environ, method)
+        latency_ms, fault = self.faults.take(method, path)
+        if latency_ms:
+            self.stopping.wait(latency_ms / 1000)
+        if fault is None:
+            return self.flask_app(environ, start_response)
+        if fault.action == "hold":
+            self.faults.hold(fault, self.stopping)
+            return self.flask_app(environ, start_response)
+        if fault.after_commit:
+            Response.from_app(self.flask_app, environ, buffered=True).close()
+        return apply_fault(fault, environ, start_response, self.stopping)
+
+    def _count_request(self, environ: dict[str, Any], method: str) -> None:
+        adapter = self.flask_app.url_map.bind_to_environ(environ)
+        try:
+            rule, _ = adapter.match(return_rule=True)
+            route = rule.rule
+        except HTTPException:
+            route = "<unmatched>"
+        sock = environ.get("werkzeug.socket")
+        with self.lock:
+            self.request_counts[f"{method} {route}"] += 1
+            if sock is not None and sock not in self.api_sockets:
+                self.api_sockets.add(sock)
+                self.api_connections += 1
+
+    def release(self, fault_id: int) -> bool:
+        """Let every request held by the ``hold`` fault ``fault_id`` (and any it would hold later) go
+        on; False when there is no such fault."""
+        return self.faults.release(fault_id)
+
+    # ---- Flask app
+
+    def _build_flask_app(self) -> Flask:
+        app = Flask("clerk_standin")
+        app.before_request(self._authenticate)
+        app.after_request(self._add_version_header)
+        app.register_error_handler(ClerkAPIError, self._render_clerk_error)
+        app.register_error_handler(HTTPException, self._render_http_error)
+        app.register_error_handler(Exception, self._render_unexpected_error)
+        routes = [
+            ("/v1/users", "create_user", self.create_user, ["POST"]),
+            ("/v1/users", "list_users", self.list_users, ["GET"]),
+            ("/v1/users/count", "count_users", self.count_users, ["GET"]),
+            ("/v1/users/<user_id>", "get_user", self.get_user, ["GET"]),
+            ("/v1/users/<user_id>", "delete_user", self.delete_user, ["DELETE"]),
+            (
+                "/v1/users/<user_id>/verify_password",
+                "verify_password",
+                self.verify_password,
+                ["POST"],
+            ),
+            ("/v1/sessions", "create_session", self.create_session, ["POST"]),
+            ("/v1/sessions/<session_id>/tokens", "create_token", self.create_token, ["POST"]),
+            ("/v1/jwks", "jwks", self.jwks, ["GET"]),
+            (CONTROL_PREFIX + "/health", "c_health", self.c_health, ["GET"]),
+            (CONTROL_PREFIX + "/faults", "c_add_fault", self.c_add_fault, ["POST"]),
+            (CONTROL_PREFIX + "/faults", "c_list_faults", self.c_list_faults, ["GET"]),
+            (CONTROL_PREFIX + "/faults", "c_clear_faults", self.c_clear_faults, ["DELETE"]),
+            (
+                CONTROL_PREFIX + "/faults/<int:fault_id>",
+                "c_del_fault",
+                self.c_del_fault,
+                ["DELETE"],
+            ),
+            (
+                CONTROL_PREFIX + "/faults/<int:fault_id>/release",
+                "c_release",
+                self.c_release,
+                ["POST"],
+            ),
+            (CONTROL_PREFIX + "/faults/<int:fault_id>/held", "c_held", self.c_held, ["GET"]),
+            (CONTROL_PREFIX + "/reset", "c_reset", self.c_reset, ["POST"]),
+            (CONTROL_PREFIX + "/stats", "c_stats", self.c_stats, ["GET"]),
+            (CONTROL_PREFIX + "/keys/rotate", "c_rotate", self.c_rotate, ["POST"]),
+            (CONTROL_PREFIX + "/sign", "c_sign", self.c_sign, ["POST"]),
+            (CONTROL_PREFIX + "/public-key.pem", "c_pem", self.c_public_pem, ["GET"]),
+        ]
+        for rule, endpoint, view, methods in routes:
+            app.add_url_rule(rule, endpoint, view, methods=methods)
+        return app
+
+    def _authenticate(self) -> None:
+        if _is_control(request.path):
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ClerkAPIError(
+                401,
+                [
+                    clerk_error(
+                        "authorization_header_format_invalid",
+                        "Invalid Authorization header format",
+                        "Invalid Authorization header format. Must be 'Bearer <YOUR_API_KEY>'",
+                    )
+                ],
+            )
+        if not hmac.compare_digest(token.encode(), self.secret_key.encode()):
+            message = (
+                "The provided Clerk Secret Key is invalid. Make sure that your Clerk Secret Key is correct."
+            )
+            raise ClerkAPIError(401, [clerk_error("clerk_key_invalid", message, message)])
+
+    def _add_version_header(self, response: Response) -> Response:
+        if not _is_control(request.path):
+            version = request.headers.get("Clerk-API-Version") or DEFAULT_API_VERSION
+            response.headers["Clerk-Api-Version"] = version
+        return response
+
+    def _render_clerk_error(self, error: ClerkAPIError) -> Response:
+        response = Response(error_body(error.errors), error.status, mimetype="application/json")
+        for name, value in error.headers.items():
+            response.headers[name] = value
+        return response
+
+    def _render_http_error(self, error: HTTPException) -> Response:
+        status = error.code or 500
+        if _is_control(request.path):
+            return _control_error(error.description or error.name, status)
+        if status in (404, 405):
+            return self._render_clerk_error(
+                ClerkAPIError(
+                    404,
+                    [
+                        clerk_error(
+                            "resource_not_found",
+                            "not found",
+                            "The requested resource was not found.",
+                        )
+                    ],
+                )
+            )
+        return self._render_clerk_error(
+            ClerkAPIError(
+                status,
+                [clerk_error("request_invalid", error.name, error.description or error.name)],
+            )
+        )
+
+    def _render_unexpected_error(self, error: Exception) -> Response:
+        log.error("clerk stand-in: unexpected error on %s %s", request.method, request.path)
+        log.debug("%s", traceback.format_exc())
+        code, message, long_message = STATUS_CODES[500]
+        return self._render_clerk_error(ClerkAPIError(500, [clerk_error(code, message, long_message)]))
+
+    # ---- /v1/users
+
+    def create_user(self) -> Response:
+        body = _json_object_body()
+        unknown = sorted(set(body) - CREATE_USER_PARAMS)
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        errors: list[dict[str, Any]] = []
+        emails = body.get("email_address")
+        if emails is not None and not (isinstance(emails, list) and all(isinstance(e, str) for e in emails)):
+            errors.append(param_type_invalid("email_address", "an array of strings"))
+            emails = None
+        for name in ("password", "external_id", "first_name", "last_name", "username"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, str):
+                errors.append(param_type_invalid(name, "a string"))
+        skip_checks = body.get("skip_password_checks")
+        if skip_checks is not None and not isinstance(skip_checks, bool):
+            errors.append(param_type_invalid("skip_password_checks", "a boolean"))
+        for name in ("public_metadata", "private_metadata", "unsafe_metadata"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, dict):
+                errors.append(param_type_invalid(name, "an object"))
+        if errors:
+            raise ClerkAPIError(422, errors)
+
+        emails = [e.strip() for e in (emails or [])]
+        if not emails:
+            errors.append(param_missing("email_address"))
+        for email in emails:
+            if len(email) > 320 or not EMAIL_RE.match(email):
+                errors.append(
+                    clerk_error(
+                        "form_param_format_invalid",
+                        "is invalid",
+                        "email_address must be a valid email address.",
+                        "email_address",
+                    )
+                )
+                break
+        password = body.get("password")
+        if password is not None and not skip_checks:
+            password_error = check_password(password)
+            if password_error is not None:
+                errors.append(password_error)
+        password_given = password is not None  # only a salted digest is kept, for verify_password
+        if errors:
+            raise ClerkAPIError(422, errors)
+
+        created = now_ms()
+        user_id = new_id("user")
+        email_objects = [
+            {
+                "id": new_id("idn"),
+                "object": "email_address",
+                "email_address": email,
+                "reserved": False,
+                "verification": {
+                    "object": "verification_admin",
+                    "status": "verified",
+                    "strategy": "admin",
+                    "attempts": None,
+                    "expire_at": None,
+                },
+                "linked_to": [],
+                "matches_sso_connection": False,
+                "created_at": created,
+                "updated_at": created,
+            }
+            for email in emails
+        ]
+        user = {
+            "id": user_id,
+            "object": "user",
+            "external_id": body.get("external_id"),
+            "primary_email_address_id": email_objects[0]["id"],
+            "primary_phone_number_id": None,
+            "primary_web3_wallet_id": None,
+            "username": body.get("username"),
+            "first_name": body.get("first_name"),
+            "last_name": body.get("last_name"),
+            "image_url": "https://img.clerk.com/standin-default-avatar",
+            "has_image": False,
+            "public_metadata": body.get("public_metadata") or {},
+            "private_metadata": body.get("private_metadata") or {},
+            "unsafe_metadata": body.get("unsafe_metadata") or {},
+            "email_addresses": email_objects,
+            "phone_numbers": [],
+            "web3_wallets": [],
+            "passkeys": [],
+            "password_enabled": password_given,
+            "password_last_updated_at": created if password_given else None,
+            "two_factor_enabled": False,
+            "totp_enabled": False,
+            "backup_code_enabled": False,
+            "mfa_enabled_at": None,
+            "mfa_disabled_at": None,
+            "external_accounts": [],
+            "saml_accounts": [],
+            "enterprise_accounts": [],
+            "last_sign_in_at": None,
+            "banned": False,
+            "locked": False,
+            "lockout_expires_in_seconds": None,
+            "verification_attempts_remaining": 100,
+            "updated_at": created,
+            "created_at": created,
+            "delete_self_enabled": True,
+            "create_organization_enabled": True,
+            "create_organizations_limit": None,
+            "last_active_at": None,
+            "legal_accepted_at": None,
+        }
+        with self.lock:
+            self._check_unique(user)
+            self.users[user_id] = user
+            self.user_seq[user_id] = next(self._seq)
+            if isinstance(password, str):
+                self.password_digests[user_id] = password_digest(password)
+            result = copy.deepcopy(user)
+        return _json_response(result)
+
+    def verify_password(self, user_id: str) -> Response:
+        """``POST /v1/users/{id}/verify_password {"password"}``: 200 ``{"verified": true}``, 422
+        ``incorrect_password`` when wrong (or the user has none), 404 when the user is missing."""
+        body = _json_object_body()
+        unknown = sorted(set(body) - {"password"})
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        password = body.get("password")
+        if not isinstance(password, str):
+            raise ClerkAPIError(422, [param_missing("password")])
+        with self.lock:
+            if user_id not in self.users:
+                raise not_found("user", user_id)
+            digest = self.password_digests.get(user_id)
+        if digest is None or not check_password_digest(password, digest):
+            message = "Password is incorrect. Try again, or use another method."
+            raise ClerkAPIError(422, [clerk_error("incorrect_password", message, message, "password")])
+        return _json_response({"verified": True})
+
+    def _check_unique(self, user: dict[str, Any]) -> None:
+        """Raise 422 ``form_identifier_exists`` for a taken email (case-insensitive, also
+        within the request), username (case-insensitive) or external_id (exact). Caller holds
+        the lock."""
+        taken_emails: set[str] = set()
+        taken_usernames: set[str] = set()
+        taken_external: set[str] = set()
+        for other in self.users.values():
+            taken_emails.update(e["email_address"].lower() for e in other["email_addresses"])
+            if other["username"] is not None:
+                taken_usernames.add(other["username"].lower())
+            if other["external_id"] is not None:
+                taken_external.add(other["external_id"])
+        errors = []
+        for entry in user["email_addresses"]:
+            email = entry["email_address"].lower()
+            if email in taken_emails:
+                errors.append(identifier_exists("email_address", "email address"))
+                break
+            taken_emails.add(email)
+        if user["username"] is not None and user["username"].lower() in taken_usernames:
+            errors.append(identifier_exists("username", "username"))
+        if user["external_id"] is not None and user["external_id"] in taken_external:
+            errors.append(identifier_exists("external_id", "external ID"))
+        if errors:
+            raise ClerkAPIError(422, errors)
+
+    def get_user(self, user_id: str) -> Response:
+        with self.lock:
+            user = self.users.get(user_id)
+            result = copy.deepcopy(user)
+        if result is None:
+            raise not_found("user", user_id)
+        return _json_response(result)
+
+    def delete_user(self, user_id: str) -> Response:
+        with self.lock:
+            user = self.users.pop(user_id, None)
+            self.user_seq.pop(user_id, None)
+            self.password_digests.pop(user_id, None)
+            if user is not None:
+                for session_id in [s["id"] for s in self.sessions.values() if s["user_id"] == user_id]:
+                    del self.sessions[session_id]
+        if user is None:
+            raise not_found("user", user_id)
+        deleted: dict[str, Any] = {"object": "user", "id": user_id, "deleted": True}
+        if user["external_id"] is not None:
+            deleted["external_id"] = user["external_id"]
+        return _json_response(deleted)
+
+    def list_users(self) -> Response:
+        limit = _int_query("limit", 10, *LIST_LIMIT_RANGE)
+        offset = _int_query("offset", 0, 0, None)
+        order_by = (request.args.get("order_by") or "-created_at").strip()
+        descending = order_by.startswith("-")
+        field = order_by[1:] if order_by[:1] in ("-", "+") else order_by
+        if field not in ORDER_FIELDS:
+            raise ClerkAPIError(
+                422,
+                [param_value_invalid("order_by", f"order_by must be one of {', '.join(ORDER_FIELDS)}.")],
+            )
+        with self.lock:
+            matched = self._filtered_users()
+            matched.sort(key=lambda user: self._sort_key(user, field), reverse=descending)
+            page = copy.deepcopy(matched[offset : offset + limit])
+        return _json_response(page)
+
+    def count_users(self) -> Response:
+        with self.lock:
+            total = len(self._filtered_users())
+        return _json_response({"object": "total_count", "total_count": total})
+
+    def _filtered_users(self) -> list[dict[str, Any]]:
+        """Users matching the query filters: values of one filter are OR-ed, filters are
+        AND-ed. A filter key that is present but matches nothing yields no users. Caller
+        holds the lock."""
+        args = request.args
+        users = list(self.users.values())
+        if "email_address" in args:
+            wanted = {value.strip().lower() for value in args.getlist("email_address")}
+            users = [
+                u for u in users if any(e["email_address"].lower() in wanted for e in u["email_addresses"])
+            ]
+        if "external_id" in args:
+            wanted = set(args.getlist("external_id"))
+            users = [u for u in users if u["external_id"] in wanted]
+        if "user_id" in args:
+            wanted = set(args.getlist("user_id"))
+            users = [u for u in users if u["id"] in wanted]
+        return users
+
+    def _sort_key(self, user: dict[str, Any], field: str) -> tuple[Any, ...]:
+        seq = self.user_seq[user["id"]]
+        if field in ("created_at", "updated_at"):
+            return (user[field], seq)
+        if field == "email_address":
+            primary = next(
+                e["email_address"]
+                for e in user["email_addresses"]
+                if e["id"] == user["primary_email_address_id"]
+            )
+            return (primary.lower(), seq)
+        value = user[field]
+        return (value is None, (value or "").lower(), seq)
+
+    # ---- /v1/sessions
+
+    def create_session(self) -> Response:
+        body = _json_object_body()
+        unknown = sorted(set(body) - CREATE_SESSION_PARAMS)
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        user_id = body.get("user_id")
+        if user_id is None:
+            raise ClerkAPIError(422, [param_missing("user_id")])
+        if not isinstance(user_id, str):
+            raise ClerkAPIError(422, [param_type_invalid("user_id", "a string")])
+        organization_id = body.get("active_organization_id")
+        if organization_id is not None:
+            raise not_found("organization", str(organization_id))
+        created = now_ms()
+        session = {
+            "object": "session",
+            "id": new_id("sess"),
+            "user_id": user_id,
+            "client_id": new_id("client"),
+            "actor": None,
+            "status": "active",
+            "last_active_organization_id": None,
+            "last_active_at": created,
+            "expire_at": created + SESSION_LIFETIME_MS,
+            "abandon_at": created + SESSION_ABANDON_MS,
+            "updated_at": created,
+            "created_at": created,
+        }
+        with self.lock:
+            if user_id not in self.users:
+                raise not_found("user", user_id)
+            self.sessions[session["id"]] = session
+            result = dict(session)
+        return _json_response(result)
+
+    def create_token(self, session_id: str) -> Response:
+        body = _json_object_body()
+        unknown = sorted(set(body) - CREATE_TOKEN_PARAMS)
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        lifetime = body.get("expires_in_seconds")
+        if lifetime is None:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        low, high = TOKEN_LIFETIME_RANGE
+        if not is_int(lifetime) or not low <= lifetime <= high:
+            raise ClerkAPIError(
+                422,
+                [
+                    param_value_invalid(
+                        "expires_in_seconds",
+                        f"expires_in_seconds must be an integer between {low} and {high}.",
+                    )
+                ],
+            )
+        with self.lock:
+            session = self.sessions.get(session_id)
+            session = dict(session) if session is not None else None
+        if session is None:
+            raise not_found("session", session_id)
+        issued_at = int(time.time())
+        claims = {
+            "azp": self.azp,
+            "exp": issued_at + lifetime,
+            "fva": [0, -1],
+            "iat": issued_at,
+            "iss": self.issuer,
+            "jti": secrets.token_hex(10),
+            "nbf": issued_at - 10,
+            "sid": session["id"],
+            "sts": "active",
+            "sub": session["user_id"],
+            "v": 2,
+        }
+        return _json_response({"object": "token", "jwt": self.sign(claims)})
+
+    # ---- /v1/jwks
+
+    def jwks(self) -> Response:
+        with self.lock:
+            keys = [dict(key.jwk) for key in self.keys]
+        return _json_response({"keys": keys})
+
+    # ---- control API (no auth)
+
+    def c_health(self) -> Response:
+        return _json_response({"ok": True, "kid": self.signing_key.kid})
+
+    def c_add_fault(self) -> Response:
+        try:
+            body = json.loads(request.get_data() or b"{}")
+            result = self.faults.add(body)
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+        return _json_response(result, 201)
+
+    def c_list_faults(self) -> Response:
+        return _json_response({"faults": self.faults.as_dicts()})
+
+    def c_held(self, fault_id: int) -> Response:
+        held = self.faults.held_count(fault_id)
+        if held is None:
+            return _control_error(f"no hold fault with id {fault_id}", 404)
+        return _json_response({"id": fault_id, "held": held})
+
+    def c_release(self, fault_id: int) -> Response:
+        if not self.release(fault_id):
+            return _control_error(f"no hold fault with id {fault_id}", 404)
+        return _json_response({"released": fault_id})
+
+    def c_clear_faults(self) -> Response:
+        return _json_response({"cleared": self.faults.clear()})
+
+    def c_del_fault(self, fault_id: int) -> Response:
+        removed = self.faults.remove(fault_id)
+        if not removed:
+            return _control_error(f"no fault with id {fault_id}", 404)
+        return _json_response({"cleared": removed})
+
+    def c_reset(self) -> Response:
+        self.reset()
+        return _json_response({"reset": True, "kid": self.signing_key.kid})
+
+    def c_stats(self) -> Response:
+        return _json_response(self.stats())
+
+    def c_rotate(self) -> Response:
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError:
+            return _control_error("body must be JSON", 400)
+        keep_previous = body.get("keep_previous", False) if isinstance(body, dict) else None
+        if not isinstance(keep_previous, bool):
+            return _control_error("keep_previous must be a boolean", 400)
+        new_key = self.rotate_key(keep_previous)
+        with self.lock:
+            kids = [key.kid for key in self.keys]
+        return _json_response({"kid": new_key.kid, "jwks_kids": kids})
+
+    def c_sign(self) -> Response:
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError:
+            return _control_error("body must be JSON", 400)
+        if not isinstance(body, dict) or not isinstance(body.get("claims"), dict):
+            return _control_error('body must be {"claims": {...}, "header"?: {...}}', 400)
+        header = body.get("header")
+        if header is not None and not isinstance(header, dict):
+            return _control_error("header must be an object", 400)
+        try:
+            token = self.sign(body["claims"], header)
+        except (ValueError, TypeError, jwt.PyJWTError) as exc:
+            return _control_error(f"cannot sign: {exc}", 400)
+        return _json_response({"jwt": token, "kid": self.signing_key.kid})
+
+    def c_public_pem(self) -> Response:
+        return Response(self.signing_key.public_pem, 200, mimetype="application/x-pem-file")
+
+
+# --------------------------------------------------------------------------- request helpers
+
+
+def _is_control(path: str) -> bool:
+    return path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/")
+
+
+def _json_response(payload: Any, status: int = 200) -> Response:
+    return Response(json.dumps(payload), status, mimetype="application/json")
+
+
+def _control_error(message: str, status: int) -> Response:
+    return _json_response({"error": message}, status)
+
+
+def _json_object_body() -> dict[str, Any]:
+    """The request body as a JSON object; an empty body counts as ``{}``. Anything else that
+    is not a JSON object raises 400 ``request_body_invalid``."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ClerkAPIError(
+            400,
+            [
+                clerk_error(
+                    "request_body_invalid",
+                    "Request body invalid",
+                    "The request body is invalid. Please consult the API documentation for more information.",
+                )
+            ],
+        )
+    return body
+
+
+def _int_query(name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ClerkAPIError(422, [param_value_invalid(name, f"{name} must be an integer {bound}.")])
+    return value
