@@ -1,0 +1,1 @@
+"""Benchmarks of registration and token verification under gunicorn; run with ``python -m benchmarks``."""
