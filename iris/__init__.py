@@ -23,27 +23,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         template_folder="../templates",
         static_folder="../static",
     )
-    app.config.from_mapping(
-        MAX_CONTENT_LENGTH=64 * 1024,
-        SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Lax",
-        # Browsers send a Secure cookie only over https: everywhere but the local development server.
-        SESSION_COOKIE_SECURE=not app.debug,
-        IRIS_TIMEZONE="Europe/Stockholm",
-        IRIS_SIGNUP_ROLES=["restaurant"],
-        IRIS_PROXY_HOPS=0,
-        IRIS_PENDING_TIMEOUT_SECONDS=config.DEFAULT_PENDING_TIMEOUT_SECONDS,
-        DATABASE_URL_DIRECT=None,
-        IRIS_DB_STATEMENT_TIMEOUT_MS=config.DEFAULT_STATEMENT_TIMEOUT_MS,
-        # Rate limits per client IP. Counters live in RATELIMIT_STORAGE_URI: memory:// is per process, so
-        # several gunicorn workers need a shared store (redis://...). If the store fails, requests go on
-        # with per-process counters rather than failing.
-        RATELIMIT_STORAGE_URI="memory://",
-        RATELIMIT_DEFAULT="300 per minute",
-        RATELIMIT_REGISTER="10 per minute; 50 per hour",
-        RATELIMIT_SWALLOW_ERRORS=True,
-        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
-    )
+    _load_config(app, test_config)
+    _init_extensions(app)
+    _register_blueprints(app)
+    _init_request_handling(app)
+    _trust_proxies(app)
+    return app
+
+
+def _load_config(app: Flask, test_config: dict[str, Any] | None) -> None:
+    """Code defaults, then the environment (or ``test_config``), then the engine options that follow."""
+    app.config.from_mapping(config.defaults(debug=app.debug))
     if test_config is None:
         os.makedirs(app.instance_path, exist_ok=True)
         app.config.update(
@@ -60,6 +50,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         statement_timeout_ms=app.config["IRIS_DB_STATEMENT_TIMEOUT_MS"],
     )
 
+
+def _init_extensions(app: Flask) -> None:
     from iris import models  # registers the models with db.metadata
     from iris.extensions import csrf, db, limiter, migrate
 
@@ -67,8 +59,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     migrate.init_app(app, db)
     csrf.init_app(app)
     limiter.init_app(app)
+    app.add_template_filter(models.local_isoformat, "localtime")
 
-    from iris import api, cli, docs, errors, observability, ops, security, web
+
+def _register_blueprints(app: Flask) -> None:
+    from iris import api, docs, ops, web
+    from iris.extensions import csrf, limiter
 
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # the JSON API is not cookie-authenticated for writes; forms keep CSRF
@@ -76,16 +72,23 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limiter.exempt(ops.bp)  # load balancers poll these
     app.register_blueprint(web.bp)
     app.register_blueprint(docs.bp)
+
+
+def _init_request_handling(app: Flask) -> None:
+    """Error handlers, request ids and logs, security headers, and the ``flask iris`` commands."""
+    from iris import cli, errors, observability, security
+
     errors.init_app(app)
     observability.init_app(app)
     security.init_app(app)
     cli.init_app(app)
-    app.add_template_filter(models.local_isoformat, "localtime")
 
-    if app.config["IRIS_PROXY_HOPS"] > 0:
+
+def _trust_proxies(app: Flask) -> None:
+    """Behind IRIS_PROXY_HOPS trusted proxies, take the client's address and scheme from their headers."""
+    hops = app.config["IRIS_PROXY_HOPS"]
+    if hops > 0:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        hops = app.config["IRIS_PROXY_HOPS"]
         # Each proxy appends to X-Forwarded-For, but the nearest one sets (overwrites) X-Forwarded-Proto.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=1)  # type: ignore[method-assign]
-    return app

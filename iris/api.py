@@ -10,24 +10,13 @@ from typing import Any, NoReturn
 from flask import Blueprint, abort, current_app, g, request, url_for
 
 from iris import auth, registration
-from iris.errors import IrisError, ValidationFailed
+from iris.errors import InvalidJSON, UnsupportedMediaType, ValidationFailed, field_error
 from iris.extensions import limiter, register_limit
+from iris.models import DEFAULT_ROLE
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 REGISTER_FIELDS = ("email", "password", "role")
-
-
-class InvalidJSON(IrisError):
-    status_code = 400
-    code = "invalid_json"
-    message = "The request body is not valid JSON."
-
-
-class UnsupportedMediaType(IrisError):
-    status_code = 415
-    code = "unsupported_media_type"
-    message = "Send the body as JSON with Content-Type: application/json."
 
 
 def json_object() -> dict[str, Any]:
@@ -94,13 +83,10 @@ def register():
     unknown = sorted(set(body) - set(REGISTER_FIELDS))
     if unknown:
         raise ValidationFailed(
-            details=[
-                {"field": name, "code": "unknown_field", "message": "This field is not accepted."}
-                for name in unknown
-            ]
+            details=[field_error(name, "unknown_field", "This field is not accepted.") for name in unknown]
         )
     # Only an absent role defaults; an explicit null is a role that is not allowed.
-    role = body.get("role", registration.DEFAULT_ROLE)
+    role = body.get("role", DEFAULT_ROLE)
     user = registration.register(body.get("email"), body.get("password"), role)
     location = url_for("api.get_user", user_id=user.id)
     return user.to_dict(current_app.config["IRIS_TIMEZONE"]), 201, {"Location": location}

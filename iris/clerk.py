@@ -8,8 +8,8 @@ Guarantees:
   ``form_identifier_exists`` -> ``EmailTaken``; ``form_password_*`` -> ``ValidationFailed`` on ``password``
   with Clerk's message; 429 -> ``RateLimited`` with Clerk's Retry-After; timeouts, connection errors and
   5xx -> ``AuthProviderUnavailable``; anything else -> ``AuthProviderError``.
-- Request bodies (which carry passwords) are never logged or put in an error. Log lines name the method, the
-  path template, the status, the time taken and Clerk's trace id.
+- Request bodies (which carry passwords) are never logged or put in an error (registration's "Password only
+  to Clerk"). Log lines name the method, the path template, the status, the time taken and Clerk's trace id.
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from iris.errors import (
+    AnswerLost,
     AuthProviderError,
     AuthProviderUnavailable,
+    ClerkRefused,
     EmailTaken,
     IrisError,
+    NotFoundAtClerk,
     RateLimited,
     ValidationFailed,
+    field_error,
 )
 
 log = logging.getLogger(__name__)
@@ -128,26 +132,6 @@ def create_session_token(session_id: str) -> str:
     return token["jwt"]
 
 
-class ClerkRefused(AuthProviderError):
-    """Clerk answered a 4xx we cannot use (bad key, unexpected code). Clerk changed nothing.
-
-    ``status`` is Clerk's HTTP status (401: the secret key is invalid).
-    """
-
-    def __init__(self, status: int | None = None) -> None:
-        super().__init__()
-        self.status = status
-
-
-class NotFoundAtClerk(ClerkRefused):
-    """Clerk answered 404 ``resource_not_found``; unhandled, it is an unusable answer (502)."""
-
-
-class AnswerLost(AuthProviderUnavailable):
-    """No answer came from Clerk's application: a timeout, a dropped connection, or a 5xx from something in
-    front of it (no Clerk error envelope). The request may still be carried out later (503)."""
-
-
 def answer_was_lost(error: IrisError) -> bool:
     """True when Clerk may have carried out the request although the call raised ``error``.
 
@@ -193,10 +177,10 @@ def _call(
         )
     except requests.Timeout:
         log.warning("clerk %s timed out after %.0f ms", label, _ms(started))
-        raise AnswerLost(retry_after=5) from None
+        raise AnswerLost() from None
     except requests.RequestException as error:
         log.warning("clerk %s failed: %s", label, type(error).__name__)
-        raise AnswerLost(retry_after=5) from None
+        raise AnswerLost() from None
 
     body = _json_or_none(response)
     trace_id = body.get("clerk_trace_id") if isinstance(body, dict) else None
@@ -224,11 +208,12 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
         return EmailTaken()
     if code in PASSWORD_CODES or code.startswith("form_password_"):
         message = first.get("long_message") or first.get("message") or "Choose another password."
-        detail = {"field": "password", "code": PASSWORD_CODES.get(code, "password_rejected")}
-        return ValidationFailed(details=[{**detail, "message": message}])
+        return ValidationFailed(
+            details=[field_error("password", PASSWORD_CODES.get(code, "password_rejected"), message)]
+        )
     if code == "form_param_format_invalid" and _param(first) == "email_address":
         return ValidationFailed(
-            details=[{"field": "email", "code": "invalid_email", "message": "Enter a valid email address."}]
+            details=[field_error("email", "invalid_email", "Enter a valid email address.")]
         )
     log.error("clerk answered %s %s; treating it as unusable", status, code or "(no code)")
     return ClerkRefused(status)
@@ -246,11 +231,13 @@ def _json_or_none(response: requests.Response) -> Any:
         return None
 
 
-def _seconds(value: str | None, default: int = 5) -> int:
+def _seconds(value: str | None) -> int | None:
+    """Clerk's Retry-After in whole seconds (at least 1); None when absent or unreadable, so the error's own
+    default applies."""
     try:
-        return max(1, int(value)) if value is not None else default
+        return max(1, int(value)) if value is not None else None
     except ValueError:
-        return default
+        return None
 
 
 def _ms(started: float) -> float:

@@ -13,7 +13,14 @@ from flask.cli import AppGroup
 
 from iris import clerk, registration
 from iris.config import database_uri, direct_engine
-from iris.errors import AuthProviderError, AuthProviderUnavailable, IrisError, RateLimited
+from iris.errors import (
+    AuthProviderError,
+    AuthProviderUnavailable,
+    ClerkRefused,
+    IrisError,
+    NotFoundAtClerk,
+    RateLimited,
+)
 from iris.extensions import db
 from iris.models import normalise_email
 
@@ -55,9 +62,9 @@ def token_command(email: str) -> None:
 def _create_session(clerk_user_id: str) -> dict:
     try:
         return clerk.create_session(clerk_user_id)
-    except clerk.NotFoundAtClerk:
+    except NotFoundAtClerk:
         raise  # the user went away meanwhile; not a refusal
-    except clerk.ClerkRefused:
+    except ClerkRefused:
         _fail(
             "Clerk refused to create a session. Production instances (sk_live_ keys) refuse"
             " POST /v1/sessions, which exists for testing: use a development instance's key, or sign in"
@@ -154,7 +161,7 @@ def _check_clerk() -> str:
     """One authenticated call: Clerk's JWKS for this secret key's instance."""
     try:
         keys = clerk.get_jwks().get("keys", [])
-    except clerk.ClerkRefused as error:
+    except ClerkRefused as error:
         status = error.status
         if status == 401:
             raise CheckFailed("key invalid (Clerk answered 401)") from None

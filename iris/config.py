@@ -1,7 +1,10 @@
-"""Configuration: read the environment once, at start-up, by the names design.md gives.
+"""Configuration: read the environment once, at start-up, by the names listed in ``ENVIRONMENT``.
 
-Service settings keep their ecosystem names (DATABASE_URL, CLERK_*, IRIS_*). Flask's own settings and those of
-its extensions come in as FLASK_<NAME> through ``Config.from_prefixed_env`` in the factory.
+Service settings keep the names their own providers document (DATABASE_URL as Neon gives it, CLERK_* as
+Clerk does) or IRIS_*; ``ENVIRONMENT`` lists each one once, with the config key it fills, its default and how
+its text is read. Flask's own settings and those of
+its extensions come in as FLASK_<NAME> through ``Config.from_prefixed_env`` in the factory, on top of
+``defaults``.
 
 Development (FLASK_DEBUG=1, as ``make run`` sets it) gets embedded defaults so that nothing has to be set up:
 a SQLite file in the instance folder, a generated secret key and the local Clerk stand-in. Anywhere else a
@@ -10,23 +13,26 @@ missing required variable stops start-up with one message naming every missing v
 
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
+import functools
 import os
+import re
 import secrets
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-# Where `make run` starts the local Clerk stand-in (iris.clerk_standin), and the key it accepts.
+from iris.extensions import STATEMENT_TIMEOUT_OPTION
+from iris.models import SIGNUP_ROLES
+
+# Where `make run` starts the local Clerk stand-in, and the key it accepts.
 DEV_CLERK_API_URL = "http://127.0.0.1:5001"
 DEV_CLERK_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in's key, not a secret)
-
-# Variables that must be set outside development, mapped to the config key each one fills.
-REQUIRED_OUTSIDE_DEVELOPMENT = {
-    "DATABASE_URL": "SQLALCHEMY_DATABASE_URI",
-    "CLERK_SECRET_KEY": "CLERK_SECRET_KEY",
-    "FLASK_SECRET_KEY": "SECRET_KEY",
-}
 
 # Upper bound for any one statement or lock wait on PostgreSQL (IRIS_DB_STATEMENT_TIMEOUT_MS). A blocked
 # query (a table locked by a migration, a hung backend) would otherwise hold a gunicorn thread for as long as
@@ -38,9 +44,7 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 5000
 # than any request Clerk may still be working on when Iris stops waiting.
 DEFAULT_PENDING_TIMEOUT_SECONDS = 120
 
-# The engine execution option that carries the bound to every connection of the app's engine;
-# iris.extensions applies it at the start of each transaction. None on a connection turns it off (migrations).
-STATEMENT_TIMEOUT_OPTION = "iris_statement_timeout_ms"
+FRONTEND_API_HOST = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+(:[0-9]{1,5})?")
 
 
 class ConfigError(RuntimeError):
@@ -68,7 +72,7 @@ def engine_options(
     """SQLAlchemy engine options for ``uri``, with ``overrides`` merged in (``connect_args`` and
     ``execution_options`` key by key).
 
-    The PostgreSQL settings are for Neon behind its PgBouncer pooler (ops-notes.md section 1). On PostgreSQL
+    The PostgreSQL settings are for Neon behind its PgBouncer pooler; each one says why below. On PostgreSQL
     every transaction is bounded by ``statement_timeout_ms`` (see ``STATEMENT_TIMEOUT_OPTION``); SQLite gets
     no options at all.
     """
@@ -115,58 +119,177 @@ def direct_engine(url: str) -> sa.Engine:
     )
 
 
-def from_environment(environ: Mapping[str, str], *, development: bool, instance_path: str) -> dict:
-    """Build the app's settings from ``environ``.
+@functools.lru_cache(maxsize=8)
+def issuer_from_publishable_key(publishable_key: str) -> str:
+    """``https://`` + the Frontend API host that a publishable key encodes; ``ConfigError`` when malformed.
 
-    In development, unset required values fall back to embedded defaults. Elsewhere they raise
-    ``ConfigError`` naming every missing variable at once.
+    The key is ``pk_test_``/``pk_live_`` + base64(host + "$") with the padding stripped.
     """
-    env = {name: value.strip() for name, value in environ.items() if value.strip()}
-    settings: dict[str, Any] = {
-        "DATABASE_URL_DIRECT": env.get("DATABASE_URL_DIRECT"),
-        "CLERK_API_URL": env.get("CLERK_API_URL", "https://api.clerk.com").rstrip("/"),
-        "CLERK_PUBLISHABLE_KEY": env.get("CLERK_PUBLISHABLE_KEY"),
-        "CLERK_JWT_KEY": env.get("CLERK_JWT_KEY"),
-        "CLERK_AUTHORIZED_PARTIES": _split(env.get("CLERK_AUTHORIZED_PARTIES", "")),
-        "CLERK_WEBHOOK_SIGNING_SECRET": env.get("CLERK_WEBHOOK_SIGNING_SECRET"),
-        "IRIS_TIMEZONE": env.get("IRIS_TIMEZONE", "Europe/Stockholm"),
-        "IRIS_SIGNUP_ROLES": _split(env.get("IRIS_SIGNUP_ROLES", "restaurant")),
-        "IRIS_PROXY_HOPS": _integer(env, "IRIS_PROXY_HOPS", 0),
-        "IRIS_DB_STATEMENT_TIMEOUT_MS": _integer(
-            env, "IRIS_DB_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT_MS, minimum=1
-        ),
-        "IRIS_PENDING_TIMEOUT_SECONDS": _integer(
-            env, "IRIS_PENDING_TIMEOUT_SECONDS", DEFAULT_PENDING_TIMEOUT_SECONDS, minimum=1
-        ),
-    }
-    unknown = [role for role in settings["IRIS_SIGNUP_ROLES"] if role != "restaurant"]
+    prefix, encoded = publishable_key[:8], publishable_key[8:]
+    host = ""
+    if prefix in ("pk_test_", "pk_live_"):
+        try:
+            decoded = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            decoded = ""
+        if decoded.endswith("$") and FRONTEND_API_HOST.fullmatch(decoded[:-1]):
+            host = decoded[:-1]
+    if not host:
+        raise ConfigError(
+            "CLERK_PUBLISHABLE_KEY is not a Clerk publishable key: expected pk_test_ or pk_live_ followed by"
+            " the base64 of the Frontend API host and '$'. Copy it from the Clerk Dashboard (API keys)."
+        )
+    return "https://" + host
+
+
+@functools.lru_cache(maxsize=8)
+def load_jwt_key(pem: str) -> RSAPublicKey:
+    """CLERK_JWT_KEY as an RSA public key; ``ConfigError`` when it is not one.
+
+    Accepts the PEM as the Clerk Dashboard shows it, on one line, or with literal ``\\n`` (as .env files often
+    hold it).
+    """
+    text = pem.strip().replace("\\n", "\n")
+    try:
+        key = load_pem_public_key(text.encode())
+    except ValueError:
+        key = None
+    if not isinstance(key, RSAPublicKey):
+        raise ConfigError(
+            "CLERK_JWT_KEY is not an RSA public key in PEM form (-----BEGIN PUBLIC KEY-----...). Copy it from"
+            " the Clerk Dashboard (API keys, JWT public key), or unset it to fetch keys from Clerk."
+        )
+    return key
+
+
+def _text(name: str, value: str) -> str:
+    return value
+
+
+def _url(name: str, value: str) -> str:
+    return value.rstrip("/")
+
+
+def _list(name: str, value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _whole_number(name: str, value: str, minimum: int | None = None) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"Iris cannot start: {name} must be a whole number.") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"Iris cannot start: {name} must be a whole number of at least {minimum}.")
+    return number
+
+
+def _positive_whole_number(name: str, value: str) -> int:
+    return _whole_number(name, value, minimum=1)
+
+
+def _signup_roles(name: str, value: str) -> list[str]:
+    roles = _list(name, value)
+    unknown = [role for role in roles if role not in SIGNUP_ROLES]
     if unknown:
         # Admins are never self-registered, and no other role exists.
         raise ConfigError(
-            "Iris cannot start: IRIS_SIGNUP_ROLES may only contain restaurant, not "
-            + ", ".join(unknown)
-            + "."
+            f"Iris cannot start: {name} may only contain {', '.join(SIGNUP_ROLES)}, not {', '.join(unknown)}."
         )
-    _check_clerk_keys(settings)
-    if "RATELIMIT_STORAGE_URI" in env:
-        settings["RATELIMIT_STORAGE_URI"] = env["RATELIMIT_STORAGE_URI"]
-    if "DATABASE_URL" in env:
-        settings["SQLALCHEMY_DATABASE_URI"] = env["DATABASE_URL"]
-    if "FLASK_SECRET_KEY" in env:
-        settings["SECRET_KEY"] = env["FLASK_SECRET_KEY"]
-    if "CLERK_SECRET_KEY" in env:
-        settings["CLERK_SECRET_KEY"] = env["CLERK_SECRET_KEY"]
+    return roles
 
+
+def _clerk_key(decode: Callable[[str], object]) -> Callable[[str, str], str]:
+    """A reader that keeps the key as given, after ``decode`` has shown it to be well-formed."""
+
+    def read(name: str, value: str) -> str:
+        try:
+            decode(value)
+        except ConfigError as error:
+            raise ConfigError(f"Iris cannot start: {error}") from None
+        return value
+
+    return read
+
+
+class Setting(NamedTuple):
+    """One environment variable: the config key it fills, its value when unset, and how its text is read
+    (``parse(name, text)``, raising ``ConfigError`` with a message naming the variable)."""
+
+    key: str
+    default: Any = None
+    parse: Callable[[str, str], Any] = _text
+    required: bool = False  # no default: must be set outside development
+
+
+# Every service setting, by environment name. Errors are reported in this order; the required ones first, as
+# the missing-configuration message names them.
+ENVIRONMENT: dict[str, Setting] = {
+    "DATABASE_URL": Setting("SQLALCHEMY_DATABASE_URI", required=True),
+    "CLERK_SECRET_KEY": Setting("CLERK_SECRET_KEY", required=True),
+    "FLASK_SECRET_KEY": Setting("SECRET_KEY", required=True),
+    "DATABASE_URL_DIRECT": Setting("DATABASE_URL_DIRECT"),
+    "CLERK_API_URL": Setting("CLERK_API_URL", "https://api.clerk.com", _url),
+    "CLERK_AUTHORIZED_PARTIES": Setting("CLERK_AUTHORIZED_PARTIES", [], _list),
+    "CLERK_WEBHOOK_SIGNING_SECRET": Setting("CLERK_WEBHOOK_SIGNING_SECRET"),
+    "IRIS_TIMEZONE": Setting("IRIS_TIMEZONE", "Europe/Stockholm"),
+    "IRIS_PROXY_HOPS": Setting("IRIS_PROXY_HOPS", 0, _whole_number),
+    "IRIS_DB_STATEMENT_TIMEOUT_MS": Setting(
+        "IRIS_DB_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT_MS, _positive_whole_number
+    ),
+    "IRIS_PENDING_TIMEOUT_SECONDS": Setting(
+        "IRIS_PENDING_TIMEOUT_SECONDS", DEFAULT_PENDING_TIMEOUT_SECONDS, _positive_whole_number
+    ),
+    "IRIS_SIGNUP_ROLES": Setting("IRIS_SIGNUP_ROLES", list(SIGNUP_ROLES), _signup_roles),
+    "CLERK_PUBLISHABLE_KEY": Setting("CLERK_PUBLISHABLE_KEY", None, _clerk_key(issuer_from_publishable_key)),
+    "CLERK_JWT_KEY": Setting("CLERK_JWT_KEY", None, _clerk_key(load_jwt_key)),
+    # Rate-limit counters. memory:// is per process, so several gunicorn workers need a shared store
+    # (redis://...). If the store fails, requests go on with per-process counters rather than failing.
+    "RATELIMIT_STORAGE_URI": Setting("RATELIMIT_STORAGE_URI", "memory://"),
+}
+
+
+def defaults(*, debug: bool) -> dict[str, Any]:
+    """The code defaults the factory starts from: Flask's and its extensions' settings, then every
+    ``ENVIRONMENT`` default (required settings have none). A fresh dict each call, lists included."""
+    flask_settings = {
+        "MAX_CONTENT_LENGTH": 64 * 1024,
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        # Browsers send a Secure cookie only over https: everywhere but the local development server.
+        "SESSION_COOKIE_SECURE": not debug,
+        # Rate limits per client IP, counted in RATELIMIT_STORAGE_URI.
+        "RATELIMIT_DEFAULT": "300 per minute",
+        "RATELIMIT_REGISTER": "10 per minute; 50 per hour",
+        "RATELIMIT_SWALLOW_ERRORS": True,
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+    }
+    unset = {
+        setting.key: copy.deepcopy(setting.default)
+        for setting in ENVIRONMENT.values()
+        if not setting.required
+    }
+    return flask_settings | unset
+
+
+def from_environment(environ: Mapping[str, str], *, development: bool, instance_path: str) -> dict:
+    """Build the app's settings from ``environ`` through ``ENVIRONMENT``; a blank value counts as unset.
+
+    In development, unset required values fall back to embedded defaults. Elsewhere they raise
+    ``ConfigError`` naming every missing variable at once. A malformed value raises ``ConfigError`` naming it.
+    """
+    env = {name: value.strip() for name, value in environ.items() if value.strip()}
+    settings: dict[str, Any] = {}
+    for name, setting in ENVIRONMENT.items():
+        if name in env:
+            settings[setting.key] = setting.parse(name, env[name])
+        elif not setting.required:
+            settings[setting.key] = copy.deepcopy(setting.default)
     if development:
-        settings.setdefault(
-            "SQLALCHEMY_DATABASE_URI", "sqlite:///" + os.path.join(instance_path, "iris.sqlite3")
-        )
-        # A fresh key per start: development sessions and CSRF tokens do not survive a restart.
-        settings.setdefault("SECRET_KEY", secrets.token_hex(32))
-        if "CLERK_SECRET_KEY" not in env:
-            settings["CLERK_SECRET_KEY"] = DEV_CLERK_SECRET_KEY
-            settings["CLERK_API_URL"] = env.get("CLERK_API_URL", DEV_CLERK_API_URL).rstrip("/")
-    missing = [name for name, key in REQUIRED_OUTSIDE_DEVELOPMENT.items() if key not in settings]
+        _fill_in_development_defaults(settings, env, instance_path)
+    missing = [
+        name for name, setting in ENVIRONMENT.items() if setting.required and setting.key not in settings
+    ]
     if missing:
         raise ConfigError(
             "Iris cannot start: missing required configuration "
@@ -177,28 +300,15 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
     return settings
 
 
-def _check_clerk_keys(settings: Mapping[str, Any]) -> None:
-    """Refuse to start with a malformed CLERK_PUBLISHABLE_KEY or CLERK_JWT_KEY (iris.auth decodes them)."""
-    from iris import auth  # imported here: iris.auth needs the models, which need more than config
-
-    try:
-        if settings["CLERK_PUBLISHABLE_KEY"]:
-            auth.issuer_from_publishable_key(settings["CLERK_PUBLISHABLE_KEY"])
-        if settings["CLERK_JWT_KEY"]:
-            auth.load_jwt_key(settings["CLERK_JWT_KEY"])
-    except ConfigError as error:
-        raise ConfigError(f"Iris cannot start: {error}") from None
-
-
-def _split(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None) -> int:
-    try:
-        value = int(env.get(name, default))
-    except ValueError:
-        raise ConfigError(f"Iris cannot start: {name} must be a whole number.") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"Iris cannot start: {name} must be a whole number of at least {minimum}.")
-    return value
+def _fill_in_development_defaults(
+    settings: dict[str, Any], env: Mapping[str, str], instance_path: str
+) -> None:
+    """A SQLite file, a fresh secret key and the local Clerk stand-in, for whichever of them is unset."""
+    settings.setdefault("SQLALCHEMY_DATABASE_URI", "sqlite:///" + os.path.join(instance_path, "iris.sqlite3"))
+    # A fresh key per start: development sessions and CSRF tokens do not survive a restart.
+    settings.setdefault("SECRET_KEY", secrets.token_hex(32))
+    if "CLERK_SECRET_KEY" not in env:
+        # No Clerk key: the stand-in, unless CLERK_API_URL names another server.
+        settings["CLERK_SECRET_KEY"] = DEV_CLERK_SECRET_KEY
+        if "CLERK_API_URL" not in env:
+            settings["CLERK_API_URL"] = DEV_CLERK_API_URL

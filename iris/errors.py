@@ -3,48 +3,47 @@
 Code below the views raises ``IrisError`` subclasses and never builds HTTP responses. The handlers registered
 by ``init_app`` turn them, Werkzeug's HTTP errors (routing 404/405 included) and unexpected exceptions into:
 
-- under ``/api/`` (and on /healthz, /readyz): the JSON envelope of design.md,
+- under ``/api/`` (and on /healthz, /readyz): the API's error envelope,
   ``{"error": {code, message, details?, request_id}}``;
 - everywhere else: an HTML page in the site layout (``templates/error.html``).
 
-Every response carries the request id in ``X-Request-ID``: a well-formed incoming header is kept, otherwise a
-new id is generated, so a client, the logs and an error body all name the same request.
+Every error that carries an HTTP status is defined here, so the whole list of statuses the app can answer
+with is in one file. The request id in the envelope is ``iris.observability.request_id``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy.exc
-from flask import Flask, Response, current_app, g, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from iris.extensions import db, limiter
+from iris.observability import request_id
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 
 class IrisError(Exception):
     """An error with a status, a stable machine-readable ``code`` and a message safe to show anyone.
 
-    ``details`` lists field problems (``{"field", "code", "message"}``); ``retry_after`` (seconds) becomes a
-    ``Retry-After`` header; ``headers`` are added to the response as they are. Messages must never contain a
+    ``details`` lists field problems (each made by ``field_error``); ``retry_after`` (seconds) becomes a
+    ``Retry-After`` header, and a class that always wants one sets its default at class level, so callers
+    just raise it; ``headers`` are added to the response as they are. Messages must never contain a
     password, token or key.
     """
 
     status_code = 500
     code = "internal_error"
     message = "Something went wrong on our side. Please try again."
+    retry_after: int | None = None
 
     def __init__(
         self,
@@ -55,16 +54,55 @@ class IrisError(Exception):
     ) -> None:
         if message is not None:
             self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
         self.details = details or []
-        self.retry_after = retry_after
         self.headers: dict[str, str] = {}
         super().__init__(self.message)
 
 
-class ValidationFailed(IrisError):
-    status_code = 422
-    code = "validation_error"
-    message = "One or more fields are invalid."
+def field_error(field: str, code: str, message: str) -> dict[str, str]:
+    """One entry of ``IrisError.details``: which field, a stable code, and a message for the person."""
+    return {"field": field, "code": code, "message": message}
+
+
+class InvalidJSON(IrisError):
+    status_code = 400
+    code = "invalid_json"
+    message = "The request body is not valid JSON."
+
+
+class Unauthorized(IrisError):
+    """No usable session token: missing, malformed, expired or unverifiable. The message never quotes it.
+
+    ``headers`` holds the RFC 6750 challenge: ``Bearer`` when no token came, ``Bearer error="invalid_token"``
+    when one came and failed.
+    """
+
+    status_code = 401
+    code = "unauthorized"
+    message = "Sign in first: send a Clerk session token as 'Authorization: Bearer <token>'."
+
+    def __init__(self, message: str | None = None, *, token_given: bool = True) -> None:
+        super().__init__(message)
+        challenge = 'Bearer error="invalid_token"' if token_given else "Bearer"
+        self.headers["WWW-Authenticate"] = challenge
+
+
+class Forbidden(IrisError):
+    """A valid token for an account that may not be used (soft-deleted)."""
+
+    status_code = 403
+    code = "forbidden"
+    message = "This account has been deleted."
+
+
+class UserNotFound(IrisError):
+    """A valid token whose Clerk user has no account here (never registered through Iris, or pending)."""
+
+    status_code = 404
+    code = "user_not_found"
+    message = "There is no Iris account for this Clerk user."
 
 
 class EmailTaken(IrisError):
@@ -73,28 +111,80 @@ class EmailTaken(IrisError):
     message = "An account with this email address already exists."
 
 
+class RegistrationInProgress(EmailTaken):
+    """Another registration of the email is unsettled: 409 ``email_taken`` with a Retry-After."""
+
+    message = "A registration for this email address is already in progress."
+    retry_after = 5
+
+
+class LeaseLost(RegistrationInProgress):
+    """Someone else claimed the pending row: its registration is theirs to settle now (409, retry later)."""
+
+
+class UnsupportedMediaType(IrisError):
+    status_code = 415
+    code = "unsupported_media_type"
+    message = "Send the body as JSON with Content-Type: application/json."
+
+
+class ValidationFailed(IrisError):
+    status_code = 422
+    code = "validation_error"
+    message = "One or more fields are invalid."
+
+
+class RateLimited(IrisError):
+    """Too many requests, ours or Clerk's; without a known reset time, retry after the class default."""
+
+    status_code = 429
+    code = "rate_limited"
+    message = "Too many attempts. Please wait before trying again."
+    retry_after = 5
+
+
 class AuthProviderError(IrisError):
     status_code = 502
     code = "auth_provider_error"
     message = "The sign-in service gave an unexpected answer. Please try again later."
 
 
+class ClerkRefused(AuthProviderError):
+    """Clerk answered a 4xx we cannot use (bad key, unexpected code). Clerk changed nothing.
+
+    ``status`` is Clerk's HTTP status (401: the secret key is invalid).
+    """
+
+    def __init__(self, status: int | None = None) -> None:
+        super().__init__()
+        self.status = status
+
+
+class NotFoundAtClerk(ClerkRefused):
+    """Clerk answered 404 ``resource_not_found``; unhandled, it is an unusable answer (502)."""
+
+
 class AuthProviderUnavailable(IrisError):
     status_code = 503
     code = "auth_provider_unavailable"
     message = "The sign-in service is unavailable right now. Please try again shortly."
+    retry_after = 5
+
+
+class AnswerLost(AuthProviderUnavailable):
+    """No answer came from Clerk's application: a timeout, a dropped connection, or a 5xx from something in
+    front of it (no Clerk error envelope). The request may still be carried out later (503)."""
 
 
 class DatabaseUnavailable(IrisError):
     status_code = 503
     code = "database_unavailable"
     message = "The service is temporarily unavailable. Please try again shortly."
+    retry_after = 5
 
 
-class RateLimited(IrisError):
-    status_code = 429
-    code = "rate_limited"
-    message = "Too many attempts. Please wait before trying again."
+class CompletionUnknown(DatabaseUnavailable):
+    """The database went away during or after the completing COMMIT, so it may have committed (503)."""
 
 
 # Codes for Werkzeug's HTTP errors; anything unlisted uses its status phrase in snake case.
@@ -140,14 +230,6 @@ def database_failure(error: BaseException | None) -> str:
     if getattr(original, "sqlstate", None) in STATEMENT_CANCELLED:
         return f"statement timed out: {type(original).__name__} ({original.diag.message_primary})"
     return f"unreachable: {type(error).__name__}"
-
-
-def request_id() -> str:
-    """The current request's id (see module docstring)."""
-    if "request_id" not in g:
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex
-    return g.request_id
 
 
 def wants_json() -> bool:
@@ -294,7 +376,7 @@ def handle_database_unavailable(error: DatabaseUnavailable) -> Response:
 
 def handle_database_unreachable(error: Exception) -> Response:
     """A database error no code below the view turned into ``DatabaseUnavailable``: the same answer."""
-    unavailable = DatabaseUnavailable(retry_after=5)
+    unavailable = DatabaseUnavailable()
     unavailable.__cause__ = error
     return handle_database_unavailable(unavailable)
 
@@ -315,11 +397,6 @@ def handle_unexpected(error: Exception) -> Response:
     return error_response(500, IrisError.code, IrisError.message)
 
 
-def add_request_id_header(response: Response) -> Response:
-    response.headers["X-Request-ID"] = request_id()
-    return response
-
-
 def end_database_session(error: BaseException | None) -> None:
     """End the request's database session without letting a lost connection escape as a bare 500.
 
@@ -334,14 +411,8 @@ def end_database_session(error: BaseException | None) -> None:
         db.session.remove()
 
 
-def assign_request_id() -> None:
-    request_id()
-
-
 def init_app(app: Flask) -> None:
     app.teardown_appcontext(end_database_session)
-    app.before_request(assign_request_id)
-    app.after_request(add_request_id_header)
     app.register_error_handler(IrisError, handle_iris_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(DatabaseUnavailable, handle_database_unavailable)

@@ -9,7 +9,10 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import DeclarativeBase
 
-from iris.config import STATEMENT_TIMEOUT_OPTION
+# The engine execution option that carries the bound to every connection of the app's engine
+# (``config.engine_options`` sets it); ``bound_the_transaction`` below applies it at the start of each
+# transaction. None on a connection turns it off (migrations).
+STATEMENT_TIMEOUT_OPTION = "iris_statement_timeout_ms"
 
 
 class Base(DeclarativeBase):

@@ -18,7 +18,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from iris.extensions import db
 
-ROLES = ("restaurant", "admin")
+# Every role an account can have, and the ones a person may pick when signing up: admins are never
+# self-registered. The column's check constraint and every role check in the code are built from these.
+RESTAURANT = "restaurant"
+ADMIN = "admin"
+ROLES = (RESTAURANT, ADMIN)
+SIGNUP_ROLES = (RESTAURANT,)
+DEFAULT_ROLE = RESTAURANT
 
 
 class BaseModel(db.Model):
@@ -61,7 +67,8 @@ class User(BaseModel):
             postgresql_where=sa.text("deleted_at IS NULL"),
             sqlite_where=sa.text("deleted_at IS NULL"),
         ),
-        sa.CheckConstraint("role IN ('restaurant', 'admin')", name="role_known"),
+        # The same text as the migration's constraint: "role IN ('restaurant', 'admin')".
+        sa.CheckConstraint("role IN (" + ", ".join(f"'{role}'" for role in ROLES) + ")", name="role_known"),
         # A pending row always says until when its current owner may act on it.
         sa.CheckConstraint(
             "clerk_user_id IS NOT NULL OR pending_until IS NOT NULL", name="pending_has_lease"
@@ -70,7 +77,7 @@ class User(BaseModel):
 
     email: Mapped[str] = mapped_column(sa.String(320))
     clerk_user_id: Mapped[str | None] = mapped_column(sa.String(64), unique=True)
-    role: Mapped[str] = mapped_column(sa.String(20), default="restaurant")
+    role: Mapped[str] = mapped_column(sa.String(20), default=DEFAULT_ROLE)
     # The lease on a pending row (see iris.registration): who may act on it, and until when. Until then only
     # ``pending_owner`` writes to it; after that its Clerk calls can no longer land, and anyone may claim it
     # to settle it. Both are NULL on a complete account.

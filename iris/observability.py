@@ -3,20 +3,42 @@
 What a log line may hold: method, path (never the query string), status, duration, request id, user id,
 client address, and messages written by our code. What it never holds: request or response bodies, headers,
 passwords, tokens, or keys. Nothing here reads a body, so nothing here can leak one.
+
+Every response carries the request id in ``X-Request-ID``: a well-formed incoming header is kept, otherwise a
+new id is generated, so a client, the logs and an error body all name the same request.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+import uuid
 
 from flask import Flask, Response, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
 
-from iris.errors import request_id
-
 request_log = logging.getLogger("iris.request")
+
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{8,128}")
+
+
+def request_id() -> str:
+    """The current request's id (see module docstring)."""
+    if "request_id" not in g:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex
+    return g.request_id
+
+
+def assign_request_id() -> None:
+    request_id()
+
+
+def add_request_id_header(response: Response) -> Response:
+    response.headers["X-Request-ID"] = request_id()
+    return response
 
 
 class RequestContextFilter(logging.Filter):
@@ -83,6 +105,9 @@ def log_request(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
+    """Log as JSON; give every request an id first, and put it on every response last."""
     configure_logging(app)
+    app.before_request(assign_request_id)
     app.before_request(start_timer)
+    app.after_request(add_request_id_header)  # after_request runs in reverse: this one runs last
     app.after_request(log_request)

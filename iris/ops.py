@@ -21,7 +21,7 @@ def readyz():
     try:
         db.session.execute(sa.text("SELECT 1"))
     except (sa.exc.OperationalError, sa.exc.TimeoutError) as error:
-        raise DatabaseUnavailable(retry_after=5) from error
+        raise DatabaseUnavailable() from error
     finally:
         db.session.rollback()
     return jsonify(status="ok", database="ok")

@@ -57,19 +57,20 @@ from iris.errors import (
     DATABASE_UNREACHABLE,
     AuthProviderError,
     AuthProviderUnavailable,
+    CompletionUnknown,
     DatabaseUnavailable,
     EmailTaken,
     IrisError,
+    LeaseLost,
+    RegistrationInProgress,
     ValidationFailed,
     database_failure,
+    field_error,
 )
 from iris.extensions import db
-from iris.models import User, normalise_email
+from iris.models import ADMIN, DEFAULT_ROLE, User, normalise_email
 
 log = logging.getLogger(__name__)
-
-DEFAULT_ROLE = "restaurant"
-IN_PROGRESS = "A registration for this email address is already in progress."
 
 Outcome = Literal["completed", "removed", "busy", "failed"]
 
@@ -80,15 +81,6 @@ class Lease:
 
     user_id: uuid.UUID
     owner: uuid.UUID
-
-
-class LeaseLost(EmailTaken):
-    """Someone else claimed the pending row: its registration is theirs to settle now (409, retry later)."""
-
-    message = IN_PROGRESS
-
-    def __init__(self) -> None:
-        super().__init__(retry_after=5)
 
 
 def register(email: object, password: object, role: object = DEFAULT_ROLE) -> User:
@@ -107,8 +99,9 @@ def register(email: object, password: object, role: object = DEFAULT_ROLE) -> Us
     try:
         return _complete(lease, clerk_user_id)
     except (CompletionUnknown, LeaseLost):
-        # CompletionUnknown: the COMMIT may have landed, so the row may already point at the Clerk user, and
-        # deleting that user could leave a complete row with no one behind it. LeaseLost: the row is someone
+        # CompletionUnknown (the one case "Nothing on failure" cannot know): the COMMIT may have landed, so
+        # the row may already point at the Clerk user, and deleting that user could leave a complete row with
+        # no one behind it. LeaseLost: the row is someone
         # else's to settle now, and they may be completing it with this very user. Either way keep the user.
         log.warning(
             "registration %s: not completed here; left for reconcile or the next attempt", lease.user_id
@@ -186,26 +179,22 @@ def _validate(email: object, password: object, role: object) -> tuple[str, str]:
     details = []
     normalised = ""
     if not isinstance(email, str) or not email.strip():
-        details.append(_detail("email", "required", "Enter your email address."))
+        details.append(field_error("email", "required", "Enter your email address."))
     else:
         try:
             checked = email_validator.validate_email(email.strip(), check_deliverability=False)
             normalised = normalise_email(checked.normalized)
         except email_validator.EmailNotValidError:
-            details.append(_detail("email", "invalid_email", "Enter a valid email address."))
+            details.append(field_error("email", "invalid_email", "Enter a valid email address."))
     if not isinstance(password, str) or password == "":
-        details.append(_detail("password", "required", "Enter a password."))
+        details.append(field_error("password", "required", "Enter a password."))
     # Admins are never self-registered, whatever the configuration says.
-    allowed = [name for name in current_app.config["IRIS_SIGNUP_ROLES"] if name != "admin"]
+    allowed = [name for name in current_app.config["IRIS_SIGNUP_ROLES"] if name != ADMIN]
     if role not in allowed:
-        details.append(_detail("role", "role_not_allowed", "Choose one of: " + ", ".join(allowed) + "."))
+        details.append(field_error("role", "role_not_allowed", "Choose one of: " + ", ".join(allowed) + "."))
     if details:
         raise ValidationFailed(details=details)
     return normalised, str(role)
-
-
-def _detail(field: str, code: str, message: str) -> dict[str, str]:
-    return {"field": field, "code": code, "message": message}
 
 
 def _pending_timeout() -> timedelta:
@@ -217,9 +206,11 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
     """Commit a pending row for ``email``, leased to this registration; raise ``EmailTaken`` when a live or
     unsettled account has the email.
 
-    The insert is tried first (one transaction on the common path); only when the email is taken is the
-    holder read, to tell a complete account from one in flight or one whose lease has run out, which is
-    settled (undone) here before one more try.
+    The committed row is what lets exactly one registration of an email through ("One winner"), and the
+    session holds no connection once this returns ("No connection held"). The insert is tried first (one
+    transaction on the common path); only when the email is taken is the holder read, to tell a complete
+    account from one in flight or one whose lease has run out, which is settled (undone) here before one
+    more try.
     """
     lease = Lease(uuid.uuid4(), uuid.uuid4())
     now = datetime.now(UTC)
@@ -247,13 +238,13 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
         raise EmailTaken()
     until = _aware(holder.pending_until)
     if until > now:
-        raise EmailTaken(IN_PROGRESS, retry_after=_seconds_until(until, now))
+        raise RegistrationInProgress(retry_after=_seconds_until(until, now))
     log.info("registration %s is unsettled and its lease ran out; undoing it before a new attempt", holder.id)
     outcome = settle(holder.id, adopt=False, now=now)
     if outcome == "failed":
-        raise AuthProviderUnavailable(retry_after=5)
+        raise AuthProviderUnavailable()
     if outcome == "busy":
-        raise EmailTaken(IN_PROGRESS, retry_after=5)
+        raise RegistrationInProgress()
     return _reserve(email, role, retry=False)
 
 
@@ -261,7 +252,8 @@ def _create_at_clerk(lease: Lease, email: str, password: str) -> str:
     """Create the Clerk user for ``lease``'s row and return its id, or settle what can be settled and raise.
 
     Side effects on failure: a definite refusal deletes the pending row; a lost answer keeps it (leased until
-    the create can no longer land) unless a lookup finds the user, which is then returned as if created.
+    the create can no longer land) unless a lookup finds the user, which is then returned as if created
+    ("A lost answer is not a no").
     """
     removed_strays = False
     while True:
@@ -376,12 +368,8 @@ def _complete(lease: Lease, clerk_user_id: str) -> User:
         db.session.commit()
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
-        raise CompletionUnknown(retry_after=5) from error
+        raise CompletionUnknown() from error
     return user
-
-
-class CompletionUnknown(DatabaseUnavailable):
-    """The database went away during or after the completing COMMIT, so it may have committed (503)."""
 
 
 def _undo(lease: Lease, clerk_user_ids: list[str]) -> bool:
@@ -479,7 +467,7 @@ def _database() -> Iterator[None]:
         yield
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
-        raise DatabaseUnavailable(retry_after=5) from error
+        raise DatabaseUnavailable() from error
 
 
 def _seconds_until(moment: datetime, now: datetime) -> int:

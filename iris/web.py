@@ -8,10 +8,11 @@ from iris import auth, registration
 from iris.errors import EmailTaken, ValidationFailed
 from iris.extensions import limiter, register_limit
 from iris.forms import SignupForm
+from iris.models import DEFAULT_ROLE, RESTAURANT
 
 bp = Blueprint("web", __name__)
 
-ROLE_LABELS = {"restaurant": "Restaurant"}
+ROLE_LABELS = {RESTAURANT: "Restaurant"}
 
 
 @bp.get("/")
@@ -33,7 +34,7 @@ def signup():
         del form.role
     status = 200
     if form.validate_on_submit():
-        role = form.role.data if "role" in form else registration.DEFAULT_ROLE
+        role = form.role.data if "role" in form else DEFAULT_ROLE
         try:
             user = registration.register(form.email.data or "", form.password.data or "", role)
         except ValidationFailed as error:

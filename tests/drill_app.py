@@ -15,7 +15,7 @@ import sys
 import sqlalchemy as sa
 from flask import Flask, has_request_context
 
-from iris.errors import request_id
+from iris.observability import request_id
 from tests.conftest import make_test_app
 
 DATABASE_URL_VARIABLE = "IRIS_DRILL_DATABASE_URL"

@@ -1,4 +1,4 @@
-"""Session-token verification (iris.auth), rule by rule, end to end through GET /api/v1/users/me.
+"""Session-token verification (iris.tokens, iris.auth), rule by rule, end to end through GET /api/v1/users/me.
 
 Tokens are minted by the Clerk stand-in over real HTTP: through its Backend API (session, then token) like
 Clerk mints them, or hand-crafted with its control API (``standin.control.sign``, signed by its current key).
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, g
 
 from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY
-from iris import auth
+from iris import auth, config, tokens
 from iris.config import ConfigError
 from iris.extensions import db
 from tests.conftest import make_test_app, migrate
@@ -183,7 +183,7 @@ def test_clock_skew_leeway_is_five_seconds(client, standin, user, claim, offset,
 
 def test_a_signature_by_another_rsa_key_with_the_right_kid_is_401(client, standin, user):
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    header = {"kid": standin.app.signing_key.kid, "cat": auth.SESSION_TOKEN_CATEGORY}
+    header = {"kid": standin.app.signing_key.kid, "cat": tokens.SESSION_TOKEN_CATEGORY}
     token = jwt.encode(claims(user["clerk_user_id"]), other_key, algorithm="RS256", headers=header)
     assert_unauthorized(client.get(ME, headers=bearer(token)), token)
 
@@ -193,7 +193,7 @@ def test_alg_none_is_401_and_never_fetches_keys(client, standin, user):
         "alg": "none",
         "typ": "JWT",
         "kid": standin.app.signing_key.kid,
-        "cat": auth.SESSION_TOKEN_CATEGORY,
+        "cat": tokens.SESSION_TOKEN_CATEGORY,
     }
     token = f"{b64url(header)}.{b64url(claims(user['clerk_user_id']))}."
     assert_unauthorized(client.get(ME, headers=bearer(token)), token)
@@ -207,7 +207,7 @@ def test_hs256_keyed_with_the_public_key_is_401(client, standin, user):
         "alg": "HS256",
         "typ": "JWT",
         "kid": standin.app.signing_key.kid,
-        "cat": auth.SESSION_TOKEN_CATEGORY,
+        "cat": tokens.SESSION_TOKEN_CATEGORY,
     }
     signing_input = f"{b64url(header)}.{b64url(claims(user['clerk_user_id']))}"
     signature = hmac.new(pem.encode(), signing_input.encode(), hashlib.sha256).digest()
@@ -252,7 +252,7 @@ def test_a_pending_session_is_401_with_a_message_that_says_why(client, standin, 
     """A required step (password reset, MFA setup, choosing an organisation) is not done yet."""
     token = standin.control.sign(claims(user["clerk_user_id"], sts="pending"))
     error = assert_unauthorized(client.get(ME, headers=bearer(token)), token)
-    assert error["message"] == auth.PENDING
+    assert error["message"] == tokens.PENDING
     assert error["message"].startswith("The session is pending")
 
 
@@ -333,7 +333,7 @@ def test_without_a_publishable_key_iss_is_not_checked(client, standin, user):
     ],
 )
 def test_the_issuer_is_decoded_from_the_publishable_key(publishable_key, issuer):
-    assert auth.issuer_from_publishable_key(publishable_key) == issuer
+    assert config.issuer_from_publishable_key(publishable_key) == issuer
 
 
 @pytest.mark.parametrize(
@@ -351,7 +351,7 @@ def test_the_issuer_is_decoded_from_the_publishable_key(publishable_key, issuer)
 )
 def test_a_malformed_publishable_key_is_a_config_error(publishable_key):
     with pytest.raises(ConfigError, match="CLERK_PUBLISHABLE_KEY is not a Clerk publishable key"):
-        auth.issuer_from_publishable_key(publishable_key)
+        config.issuer_from_publishable_key(publishable_key)
 
 
 def test_a_malformed_publishable_key_fails_the_first_request_with_the_reason_logged(schema, standin, caplog):
@@ -416,7 +416,7 @@ def test_malformed_strings_are_401(client, standin, text):
 def test_a_validly_signed_token_over_8_kb_is_refused_unparsed(client, standin, user):
     """Clerk keeps session tokens small enough for a cookie (about 4 KB at most)."""
     token = standin.control.sign(claims(user["clerk_user_id"], padding="x" * 6200))
-    assert len(token) > auth.MAX_TOKEN_LENGTH
+    assert len(token) > tokens.MAX_TOKEN_LENGTH
     assert_unauthorized(client.get(ME, headers=bearer(token)), token)
     assert jwks_requests(standin) == 0
 
@@ -491,7 +491,7 @@ def test_clerk_jwt_key_may_be_given_on_one_line(schema, standin, shape):
 @pytest.mark.parametrize("pem", ["not a key", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"])
 def test_a_malformed_clerk_jwt_key_is_a_config_error(pem):
     with pytest.raises(ConfigError, match="CLERK_JWT_KEY is not an RSA public key"):
-        auth.load_jwt_key(pem)
+        config.load_jwt_key(pem)
 
 
 # ---- JWKS: cached, refetched on a miss at most once per interval
@@ -505,7 +505,7 @@ def test_many_verifications_make_one_jwks_request(client, standin, user):
 
 
 def test_keys_are_fetched_again_once_the_ttl_has_passed(client, standin, user, monkeypatch):
-    monkeypatch.setattr(auth, "JWKS_TTL", 0.0)
+    monkeypatch.setattr(tokens, "JWKS_TTL", 0.0)
     for _ in range(3):
         token = standin.control.sign(claims(user["clerk_user_id"]))
         assert client.get(ME, headers=bearer(token)).status_code == 200
@@ -594,7 +594,7 @@ def test_after_a_failed_fetch_requests_get_503_at_once_until_the_backoff_ends(
     assert_provider_unavailable(client.get(ME, headers=bearer(token)))
     assert_provider_unavailable(client.get(ME, headers=bearer(token)))
     assert jwks_requests(standin) == 1  # the second request did not wait on Clerk again
-    monkeypatch.setattr(auth, "FETCH_FAILURE_BACKOFF", 0.0)  # the backoff has passed
+    monkeypatch.setattr(tokens, "FETCH_FAILURE_BACKOFF", 0.0)  # the backoff has passed
     assert client.get(ME, headers=bearer(token)).status_code == 200
     assert jwks_requests(standin) == 2
 

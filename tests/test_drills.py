@@ -195,7 +195,8 @@ def test_pgbouncer_transaction_mode_drill(admin_engine, standin):
         connection.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
     apps: list[Flask] = []
     try:
-        # Migrations go straight to PostgreSQL, as they go over Neon's direct URL (ops-notes 1.4).
+        # Migrations go straight to PostgreSQL, as in production they go over Neon's direct URL
+        # (DATABASE_URL_DIRECT), never through the pooler.
         apps.append(drill_app(direct))
         migrate(apps[-1])
         close_app(apps[-1])

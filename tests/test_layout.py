@@ -3,7 +3,8 @@
 The stand-in plays Clerk for ``make run``, the tests and the benchmarks. ``iris`` must not depend on it, so
 production never loads a fake Clerk; the stand-in must not depend on ``iris``, so it stays an independent
 check of our Clerk client. Both directions are read from the source (every ``import`` statement, at module
-level or inside a function), so an import no test happens to run still fails here.
+level or inside a function), so an import no test happens to run still fails here. The same reading of
+``iris/*.py`` proves that no import cycle runs through iris's own modules.
 """
 
 from __future__ import annotations
@@ -77,3 +78,67 @@ def test_the_check_sees_imports_inside_functions_and_relative_imports() -> None:
         "probe.py": ["clerk_standin", "clerk_standin.StandinServer", "clerk_standin.app"]
     }
     assert naming({"probe.py": names}, "clerk") == {}  # a prefix of a name is not that package
+
+
+# ---- No import cycle inside iris: every module can be imported on its own, lowest layers first.
+
+
+def iris_import_graph(package_dir: Path = ROOT / "iris") -> dict[str, set[str]]:
+    """Module -> the iris modules it imports, read from every ``*.py`` of ``package_dir`` (at module level or
+    inside a function). ``from iris import clerk`` is an import of ``iris.clerk``; only a name that is not a
+    module (``from iris import create_app``) is an import of the package, ``iris``."""
+    paths = sorted(package_dir.glob("*.py"))
+    modules = {"iris" if path.stem == "__init__" else f"iris.{path.stem}": path for path in paths}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                # Relative imports in iris/*.py are relative to the package, iris.
+                base = ".".join(filter(None, ["iris", node.module])) if node.level else node.module or ""
+                for alias in node.names:
+                    submodule = f"{base}.{alias.name}"
+                    targets.add(submodule if submodule in modules else base)
+        graph[module] = {target for target in targets if target in modules and target != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path that ends where it starts (``[a, b, a]``), or None when there is none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return None
+        for target in sorted(graph.get(module, ())):
+            cycle = visit(target, [*path, module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_iris_has_no_import_cycle() -> None:
+    graph = iris_import_graph()
+    assert {"iris", "iris.config", "iris.tokens", "iris.auth"} <= set(graph)
+    assert find_cycle(graph) is None
+
+
+def test_the_cycle_check_sees_imports_inside_functions(tmp_path: Path) -> None:
+    """The cycle iris once had: config imported auth inside a function, and auth imported config."""
+    (tmp_path / "__init__.py").write_text("from iris import config\n")
+    (tmp_path / "config.py").write_text("def check():\n    from iris import auth\n")
+    (tmp_path / "auth.py").write_text("from iris.config import ConfigError\n")
+    assert find_cycle(iris_import_graph(tmp_path)) == ["iris.config", "iris.auth", "iris.config"]
+    (tmp_path / "config.py").write_text("import os\n")
+    assert find_cycle(iris_import_graph(tmp_path)) is None

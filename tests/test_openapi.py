@@ -1,7 +1,7 @@
 """The OpenAPI document (iris/openapi.json) held against the app, and the /docs page.
 
 - The document is valid OpenAPI 3.1, documents every API route the app has (and nothing it lacks), and each
-  operation lists exactly the statuses design.md's table gives it, with the headers it promises.
+  operation lists exactly the statuses ``EXPECTED_STATUSES`` gives it, with the headers it promises.
 - Real responses, driven end to end (Clerk stand-in over HTTP, real PostgreSQL, real failures), conform to
   it: every status is documented for its operation, the body matches that status's schema (formats
   included), and every documented header is present and matches its schema.
@@ -60,7 +60,7 @@ OPENAPI = ("get", "/api/v1/openapi.json")
 HEALTHZ = ("get", "/healthz")
 READYZ = ("get", "/readyz")
 
-# design.md's status table, operation by operation: exactly these statuses are documented.
+# The statuses each operation can answer with, operation by operation: exactly these are documented.
 EXPECTED_STATUSES = {
     REGISTER: {201, 400, 409, 413, 415, 422, 429, 500, 502, 503},
     ME: {200, 401, 403, 404, 429, 500, 502, 503},
@@ -191,7 +191,7 @@ def test_the_document_is_served_as_written(client):
 
 def test_every_api_route_is_documented_and_every_documented_operation_exists(app):
     """Routes under /api/ plus /healthz and /readyz, against the document's operations, both ways. A route
-    that design.md promises but the app lacks fails here (it is never skipped)."""
+    that the document promises but the app lacks fails here (it is never skipped)."""
     routes = set()
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/") or rule.rule in ("/healthz", "/readyz"):

@@ -31,7 +31,7 @@ def clerk_received_create(standin) -> bool:
 
 
 def test_the_password_is_found_nowhere(app, client, standin, schema, caplog):
-    """Guarantee 1: not in the database, the logs, any response body, on success or failure."""
+    """Password only to Clerk: not in the database, the logs, any response body, on success or failure."""
     secret = f"Pw-{uuid.uuid4().hex}"
     short_secret = f"s{uuid.uuid4().hex[:6]}"  # too short for Clerk: the rejected-password path
     caplog.set_level(logging.DEBUG)
@@ -77,7 +77,7 @@ CREATE TRIGGER fail_completion BEFORE UPDATE OF clerk_user_id ON users
 
 
 def test_local_write_failing_after_clerk_created_the_user_deletes_the_clerk_user(app, client, standin):
-    """Guarantee 3: the database refuses the completing write; Clerk's user is deleted again."""
+    """Nothing on failure: the database refuses the completing write; Clerk's user is deleted again."""
     with app.app_context():
         db.session.execute(sa.text(FAILING_TRIGGER))
         db.session.commit()
@@ -90,7 +90,7 @@ def test_local_write_failing_after_clerk_created_the_user_deletes_the_clerk_user
 
 
 def test_database_lost_during_the_clerk_call_undoes_clerk_and_reconcile_cleans_up(schema, standin):
-    """Guarantees 3 and 4: the link to PostgreSQL is cut while Clerk is creating the user."""
+    """Nothing on failure, and No stuck email: the link to PostgreSQL is cut while Clerk creates the user."""
     proxy = TCPProxy(("127.0.0.1", _libpq_port()))
     proxied = sa.make_url(TEST_DATABASE_URL).set(host="127.0.0.1", port=proxy.port)
     app = make_test_app(schema, SQLALCHEMY_DATABASE_URI=proxied.render_as_string(hide_password=False))
@@ -149,7 +149,7 @@ def crash_mid_registration(schema, standin) -> None:
 
 
 def test_a_crash_after_clerk_answered_never_leaves_the_email_stuck(app, client, standin, schema):
-    """Guarantee 4, next-attempt path: the half-done registration is undone and the new one wins."""
+    """No stuck email, next-attempt path: the half-done registration is undone and the new one wins."""
     crash_mid_registration(schema, standin)
     [pending] = rows(app)
     assert pending.clerk_user_id is None
@@ -171,7 +171,7 @@ def test_a_crash_after_clerk_answered_never_leaves_the_email_stuck(app, client, 
 
 
 def test_a_crash_after_clerk_answered_is_completed_by_reconcile(app, runner, standin, schema):
-    """Guarantee 4, reconcile path: `flask iris reconcile` completes it, since Clerk holds the user."""
+    """No stuck email, reconcile path: `flask iris reconcile` completes it, since Clerk holds the user."""
     crash_mid_registration(schema, standin)
     expire_leases(app)
     result = runner.invoke(args=["iris", "reconcile"])
@@ -207,7 +207,7 @@ def serve(app):
 
 
 def test_twenty_concurrent_registrations_of_one_email_make_one_account(app, standin):
-    """Guarantee 5: one 201, nineteen 409s, one Clerk user."""
+    """One winner: one 201, nineteen 409s, one Clerk user."""
     base_url, server = serve(app)
     standin.control.add_fault(method="POST", path="/v1/users", latency_ms=200)
     start = threading.Barrier(20)
@@ -235,7 +235,7 @@ def test_twenty_concurrent_registrations_of_one_email_make_one_account(app, stan
 
 
 def test_no_database_connection_is_held_while_clerk_is_called(app, standin):
-    """Guarantee 6: sample the pool throughout the Clerk call; nothing may be checked out."""
+    """No connection held: sample the pool throughout the Clerk call; nothing may be checked out."""
     with app.app_context():
         engine = db.engine
     checked_out = []
@@ -292,8 +292,8 @@ def proxied_app(schema):
 
 @pytest.mark.parametrize("moment", ["before_commit", "after_commit"])
 def test_database_lost_around_the_completing_commit_keeps_one_consistent_account(schema, standin, moment):
-    """Guarantee 3's one ambiguous case: the link dies as the completing COMMIT goes out (it may or may not
-    land) or right after it landed. The Clerk user must stay, and the account ends up consistent."""
+    """Nothing on failure, its one ambiguous case: the link dies as the completing COMMIT goes out (it may or
+    may not land) or right after it landed. The Clerk user must stay, and the account ends up consistent."""
     from flask_sqlalchemy.session import Session
 
     app, proxy = proxied_app(schema)
