@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format clean
+.PHONY: run test test-fast lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(VENV)/.installed
 ## test: the whole suite against real PostgreSQL (TEST_DATABASE_URL overrides 127.0.0.1:5432)
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+## test-fast: the suite without the tests marked slow (drills, schemathesis, real servers), while working
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow"
 
 ## lint: ruff lint and format check, as CI runs them
 lint: $(VENV)/.installed

@@ -32,7 +32,7 @@ from tests.servers import Site, app_environment, behind_nginx
 CHROMIUM = os.environ.get("IRIS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 # Flags for a closed network: no background traffic, no component updates, no first-run UI.
-CHROMIUM_ARGS = [
+CHROMIUM_ARGS = (
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -40,7 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-]
+)
 # Names for other sites on this machine: *.test is reserved and never resolves anywhere else.
 RESOLVE_TEST_NAMES = "--host-resolver-rules=MAP *.test 127.0.0.1"
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh PostgreSQL schema per test, built by running the real migrations.
+"""Shared fixtures, and nothing else: a fresh PostgreSQL schema per test, built by running the real
+migrations, and the local Clerk stand-in. Helpers that are not fixtures live in tests/helpers.py.
 
 TEST_DATABASE_URL picks the server (default: the local one every project machine has). When it cannot be
 reached the tests fail; they never skip.
@@ -6,23 +7,15 @@ reached the tests fail; they never skip.
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import flask_migrate
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from clerk_standin import DEFAULT_SECRET_KEY, StandinServer
-from iris import create_app
-from iris.config import database_uri
-from iris.extensions import db
-
-TEST_DATABASE_URL = database_uri(
-    os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-)
+from clerk_standin import StandinServer
+from tests.helpers import TEST_DATABASE_URL, dispose, make_test_app, migrate
 
 
 @pytest.fixture(scope="session")
@@ -32,34 +25,21 @@ def admin_engine() -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-# Apps made during the current test; their engines are closed before the test's schema is dropped.
-_apps: list[Flask] = []
-
-
 @pytest.fixture
 def schema(admin_engine: sa.Engine) -> Iterator[str]:
-    """A throwaway schema, dropped after the test (after closing every app engine the test made)."""
+    """A throwaway schema, dropped after the test."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with admin_engine.begin() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{name}"'))
     yield name
-    while _apps:
-        with _apps.pop().app_context():
-            db.session.remove()
-            db.engine.dispose()
     with admin_engine.begin() as connection:
         connection.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
-
-
-_standin_url = "http://127.0.0.1:1"  # replaced by the standin_server fixture
 
 
 @pytest.fixture(scope="session")
 def standin_server() -> Iterator[StandinServer]:
     """The local Clerk stand-in, on a free loopback port, for the whole run."""
-    global _standin_url
     with StandinServer() as server:
-        _standin_url = server.base_url
         yield server
 
 
@@ -70,37 +50,28 @@ def standin(standin_server: StandinServer) -> Iterator[StandinServer]:
     standin_server.app.reset()
 
 
-def make_test_app(schema: str, **overrides) -> Flask:
-    """An app on ``schema`` talking to the stand-in; ``overrides`` replace any of its settings."""
-    settings = {
-        "TESTING": True,
-        # Unhandled errors become the real 500 response (and a logged traceback), as in production.
-        "PROPAGATE_EXCEPTIONS": False,
-        "SECRET_KEY": "test-secret-key",
-        "WTF_CSRF_ENABLED": False,
-        "SQLALCHEMY_DATABASE_URI": TEST_DATABASE_URL,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"options": f"-csearch_path={schema}"}},
-        "CLERK_API_URL": _standin_url,
-        "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
-        # Short timeouts keep the hang tests quick; production uses iris.clerk.DEFAULT_TIMEOUT.
-        "CLERK_TIMEOUT": (1.0, 1.5),
-        # Every test client is 127.0.0.1; the rate-limit tests switch limits back on.
-        "RATELIMIT_ENABLED": False,
-    }
-    settings.update(overrides)
-    app = create_app(settings)
-    _apps.append(app)
-    return app
+@pytest.fixture
+def make_app(schema: str, standin_server: StandinServer) -> Iterator[Callable[..., Flask]]:
+    """``make_app(**overrides)``: an app on this test's schema talking to the stand-in, with ``overrides``
+    replacing any of its settings (tests.helpers.make_test_app); not migrated (tests.helpers.migrate).
 
+    Every app it made is disposed after the test and before ``schema`` drops the schema: this fixture depends
+    on ``schema``, so pytest tears this one down first."""
+    apps: list[Flask] = []
 
-def migrate(app: Flask) -> None:
-    with app.app_context():
-        flask_migrate.upgrade()
+    def make(**overrides) -> Flask:
+        app = make_test_app(schema, standin_server.base_url, **overrides)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        dispose(app)
 
 
 @pytest.fixture
-def app(schema: str) -> Flask:
-    app = make_test_app(schema)
+def app(make_app: Callable[..., Flask]) -> Flask:
+    app = make_app()
     migrate(app)
     return app
 

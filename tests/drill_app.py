@@ -16,22 +16,25 @@ import sqlalchemy as sa
 from flask import Flask, has_request_context
 
 from iris.observability import request_id
-from tests.conftest import make_test_app
+from tests.helpers import make_test_app
 
 DATABASE_URL_VARIABLE = "IRIS_DRILL_DATABASE_URL"
 CLERK_URL_VARIABLE = "IRIS_DRILL_CLERK_API_URL"
 LOG_PREFIX = "DRILL-LOG"
 
 
-def drill_app(url: sa.URL | str, clerk_api_url: str | None = None) -> Flask:
+def drill_app(url: sa.URL | str, clerk_api_url: str) -> Flask:
     """The app on ``url`` with exactly the production engine options (config.engine_options: no per-test
     search_path), talking to the stand-in, with rate limits off (every drill client is 127.0.0.1)."""
     if isinstance(url, sa.URL):
         url = url.render_as_string(hide_password=False)
-    overrides = {"SQLALCHEMY_DATABASE_URI": url, "SQLALCHEMY_ENGINE_OPTIONS": {}, "RATELIMIT_ENABLED": False}
-    if clerk_api_url is not None:
-        overrides["CLERK_API_URL"] = clerk_api_url
-    return make_test_app("public", **overrides)
+    return make_test_app(
+        "public",
+        clerk_api_url,
+        SQLALCHEMY_DATABASE_URI=url,
+        SQLALCHEMY_ENGINE_OPTIONS={},
+        RATELIMIT_ENABLED=False,
+    )
 
 
 class RequestIdFilter(logging.Filter):

@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,14 +32,11 @@ import requests
 import sqlalchemy as sa
 
 from tests import drill_app
-from tests.helpers import unavailable
+from tests.helpers import ME, PASSWORD, URL, free_port, unavailable
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVICE_USER = "postgres"  # the system user the servers run as when the tests run as root
-PASSWORD = "correct horse battery staple"
-REGISTER = "/api/v1/auth/register"
 READYZ = "/readyz"
-ME = "/api/v1/users/me"
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -78,12 +74,6 @@ def private_directory(prefix: str, owner: str | None) -> str:
         entry = pwd.getpwnam(owner)
         os.chown(path, entry.pw_uid, entry.pw_gid)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -546,7 +536,7 @@ class Driver:
                     if self.stopping.is_set():
                         return
                     email = f"drill-{self.tag}-{n}-{i}@drill.example"
-                    self._request(session, "register", "POST", REGISTER, email=email)
+                    self._request(session, "register", "POST", URL, email=email)
                     self._request(session, "readyz", "GET", READYZ)
                     if self.tokens:
                         token = self.tokens[(n + i) % len(self.tokens)]
@@ -640,20 +630,3 @@ def create_clerk_user(standin_api_url: str, secret_key: str, email: str, externa
     )
     response.raise_for_status()
     return response.json()["id"]
-
-
-def session_token(standin_api_url: str, secret_key: str, clerk_user_id: str) -> str:
-    """A Clerk session token for a user, made the way Clerk's Backend API makes them for testing."""
-    headers = {"Authorization": f"Bearer {secret_key}"}
-    session = requests.post(
-        standin_api_url + "/sessions", json={"user_id": clerk_user_id}, headers=headers, timeout=10
-    )
-    session.raise_for_status()
-    token = requests.post(
-        standin_api_url + f"/sessions/{session.json()['id']}/tokens",
-        json={"expires_in_seconds": 3600},
-        headers=headers,
-        timeout=10,
-    )
-    token.raise_for_status()
-    return token.json()["jwt"]

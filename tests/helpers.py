@@ -1,24 +1,183 @@
-"""Helpers shared by test modules: talking to the Clerk stand-in as a client would, reading the users table,
-checking the error envelope, and waiting for a condition. No fixtures here (those live in conftest.py), and
-no state."""
+"""Helpers shared by test modules: building a test app, talking to the Clerk stand-in as a client would,
+registering and signing in, reading the users table, checking the error envelope, and waiting for a condition.
+
+No fixtures here (those live in conftest.py) and no state: everything a helper needs comes in as an argument.
+Test modules import from here, never from each other or from conftest.py (tests/test_layout.py checks it).
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import secrets
+import socket
 import time
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import Any, NoReturn
 
+import flask_migrate
 import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
 
-from clerk_standin import DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY
+from iris import create_app
+from iris.config import database_uri
 from iris.extensions import db
 
+# The server every project machine has; TEST_DATABASE_URL points the tests at another one.
+TEST_DATABASE_URL = database_uri(
+    os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+)
 PASSWORD = "correct horse battery staple"
 URL = "/api/v1/auth/register"
+ME = "/api/v1/users/me"
+# Read-only, so no test can change the headers another test sends.
+BAPI_HEADERS = MappingProxyType({"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"})
+# A trigger that makes completing the registration of fails@b.example fail, as a full disk would.
+FAILING_TRIGGER = """
+CREATE FUNCTION fail_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'disk full (simulated)'; END; $$;
+CREATE TRIGGER fail_completion BEFORE UPDATE OF clerk_user_id ON users
+    FOR EACH ROW WHEN (NEW.email = 'fails@b.example') EXECUTE FUNCTION fail_completion();
+"""
+
+
+# ---- apps
+
+
+def make_test_app(schema: str, clerk_api_url: str, **overrides: Any) -> Flask:
+    """An app on ``schema`` of the test database talking to Clerk at ``clerk_api_url``; ``overrides`` replace
+    any of its settings. The caller disposes of its engine (``dispose``). Tests use conftest's ``make_app``
+    fixture, which passes the test's schema and the stand-in and disposes for them; this plain function is
+    for code that runs outside a test's schema (server processes, subprocess scripts, scratch databases)."""
+    settings = {
+        "TESTING": True,
+        # Unhandled errors become the real 500 response (and a logged traceback), as in production.
+        "PROPAGATE_EXCEPTIONS": False,
+        "SECRET_KEY": "test-secret-key",
+        "WTF_CSRF_ENABLED": False,
+        "SQLALCHEMY_DATABASE_URI": TEST_DATABASE_URL,
+        "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"options": f"-csearch_path={schema}"}},
+        "CLERK_API_URL": clerk_api_url,
+        "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
+        # Short timeouts keep the hang tests quick; production uses iris.clerk.DEFAULT_TIMEOUT.
+        "CLERK_TIMEOUT": (1.0, 1.5),
+        # Every test client is 127.0.0.1; the rate-limit tests switch limits back on.
+        "RATELIMIT_ENABLED": False,
+    }
+    settings.update(overrides)
+    return create_app(settings)
+
+
+def migrate(app: Flask) -> None:
+    """Build ``app``'s schema the way production does: by running every migration."""
+    with app.app_context():
+        flask_migrate.upgrade()
+
+
+def dispose(app: Flask) -> None:
+    """Close ``app``'s database connections, so its schema or database can be dropped."""
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@contextmanager
+def app_with(make_app: Callable[..., Flask], **overrides: Any) -> Iterator[Flask]:
+    """A migrated app (from conftest's ``make_app``) with some settings changed, disposed afterwards."""
+    app = make_app(**overrides)
+    migrate(app)
+    try:
+        yield app
+    finally:
+        dispose(app)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the OS picks it), for a server a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---- accounts and session tokens
+
+
+def register(client, email: str = "owner@bistro.example") -> dict:
+    """Register through the API; the user JSON."""
+    response = client.post(URL, json={"email": email, "password": PASSWORD})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.json
+
+
+def session_token(standin, clerk_user_id: str, expires_in_seconds: int | None = None) -> str:
+    """A session token minted as Clerk mints them: POST /v1/sessions, then POST /v1/sessions/{id}/tokens
+    (valid for ``expires_in_seconds`` when given, else for the stand-in's default lifetime)."""
+    session = requests.post(
+        standin.api_url + "/sessions", json={"user_id": clerk_user_id}, headers=BAPI_HEADERS, timeout=10
+    )
+    session.raise_for_status()
+    body = None if expires_in_seconds is None else {"expires_in_seconds": expires_in_seconds}
+    token = requests.post(
+        f"{standin.api_url}/sessions/{session.json()['id']}/tokens",
+        json=body,
+        headers=BAPI_HEADERS,
+        timeout=10,
+    )
+    token.raise_for_status()
+    return token.json()["jwt"]
+
+
+def claims(sub: str | None, **changes) -> dict:
+    """Clerk's v2 session claims for ``sub``, valid now; a change to None removes that claim."""
+    now = int(time.time())
+    values = {
+        "azp": DEFAULT_AZP,
+        "exp": now + 60,
+        "iat": now,
+        "iss": DEFAULT_ISSUER,
+        "jti": secrets.token_hex(10),
+        "nbf": now - 10,
+        "sid": "sess_" + secrets.token_hex(12),
+        "sts": "active",
+        "sub": sub,
+        "v": 2,
+    }
+    values.update(changes)
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header that presents ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def b64url(data: bytes | dict) -> str:
+    """``data`` (a dict becomes compact JSON) in the unpadded base64url of a JWT segment."""
+    if isinstance(data, dict):
+        data = json.dumps(data, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def assert_unauthorized(response, token: str | None = None, *, token_given: bool = True) -> dict:
+    """401 ``unauthorized`` with the RFC 6750 challenge, and the token nowhere in the answer."""
+    assert response.status_code == 401, response.get_data(as_text=True)
+    error = response.json["error"]
+    assert error["code"] == "unauthorized"
+    expected = 'Bearer error="invalid_token"' if token_given else "Bearer"
+    assert response.headers["WWW-Authenticate"] == expected
+    if token:
+        assert token not in response.get_data(as_text=True)
+        assert token not in str(response.headers)
+    return error
+
+
+# ---- the Clerk stand-in and the users table
 
 
 def clerk_users(standin, **params) -> list[dict]:
@@ -26,7 +185,7 @@ def clerk_users(standin, **params) -> list[dict]:
     response = requests.get(
         standin.api_url + "/users",
         params={"limit": 500, **params},
-        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
+        headers=BAPI_HEADERS,
         timeout=5,
     )
     response.raise_for_status()
@@ -38,7 +197,7 @@ def password_works(standin, clerk_user_id: str, password: str) -> bool:
     response = requests.post(
         f"{standin.api_url}/users/{clerk_user_id}/verify_password",
         json={"password": password},
-        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
+        headers=BAPI_HEADERS,
         timeout=5,
     )
     if response.status_code == 422:

@@ -26,9 +26,7 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
-from iris.extensions import db
-from tests.conftest import TEST_DATABASE_URL, make_test_app, migrate
-from tests.helpers import unavailable
+from tests.helpers import TEST_DATABASE_URL, dispose, free_port, make_test_app, migrate, unavailable
 from tests.tls import self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,12 +56,6 @@ OWN_VARIABLES = (
 
 
 # --- gunicorn processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
@@ -297,10 +289,10 @@ def migrated_schema(admin_engine: sa.Engine) -> Iterator[str]:
     with admin_engine.begin() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{name}"'))
     try:
-        app = make_test_app(name)
+        # Migrations never call Clerk, so the app needs no real Clerk URL.
+        app = make_test_app(name, "http://127.0.0.1:1")
         migrate(app)
-        with app.app_context():
-            db.engine.dispose()
+        dispose(app)
         yield name
     finally:
         with admin_engine.begin() as connection:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from iris.extensions import db
-from tests.test_auth import claims, register, session_token
+from tests.helpers import claims, register, session_token
 
 
 def test_the_signed_in_user_sees_their_account(client, standin):

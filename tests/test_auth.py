@@ -11,114 +11,38 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import jwt
 import pytest
-import requests
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
-from flask import Flask, g
+from flask import g
 
 from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY
 from iris import auth, config, tokens
 from iris.config import ConfigError
 from iris.extensions import db
-from tests.conftest import make_test_app, migrate
+from tests.helpers import (
+    ME,
+    app_with,
+    assert_unauthorized,
+    b64url,
+    bearer,
+    claims,
+    register,
+    session_token,
+)
 
-PASSWORD = "correct horse battery staple"
-ME = "/api/v1/users/me"
-BAPI_HEADERS = {"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"}
 # The publishable key of a Clerk instance whose Frontend API is the stand-in's issuer host.
 STANDIN_PUBLISHABLE_KEY = "pk_test_" + base64.b64encode(b"standin.clerk.accounts.dev$").decode().rstrip("=")
 
 
-# ---- helpers (test_users_api.py uses them too)
-
-
-def register(client, email: str = "owner@bistro.example") -> dict:
-    """Register through the API; the user JSON."""
-    response = client.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})
-    assert response.status_code == 201, response.get_data(as_text=True)
-    return response.json
-
-
-def session_token(standin, clerk_user_id: str) -> str:
-    """A session token minted as Clerk mints them: POST /v1/sessions, then POST /v1/sessions/{id}/tokens."""
-    session = requests.post(
-        standin.api_url + "/sessions", json={"user_id": clerk_user_id}, headers=BAPI_HEADERS, timeout=5
-    )
-    session.raise_for_status()
-    token = requests.post(
-        f"{standin.api_url}/sessions/{session.json()['id']}/tokens", headers=BAPI_HEADERS, timeout=5
-    )
-    token.raise_for_status()
-    return token.json()["jwt"]
-
-
-def claims(sub: str | None, **changes) -> dict:
-    """Clerk's v2 session claims for ``sub``, valid now; a change to None removes that claim."""
-    now = int(time.time())
-    values = {
-        "azp": DEFAULT_AZP,
-        "exp": now + 60,
-        "iat": now,
-        "iss": DEFAULT_ISSUER,
-        "jti": secrets.token_hex(10),
-        "nbf": now - 10,
-        "sid": "sess_" + secrets.token_hex(12),
-        "sts": "active",
-        "sub": sub,
-        "v": 2,
-    }
-    values.update(changes)
-    return {name: value for name, value in values.items() if value is not None}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 def jwks_requests(standin) -> int:
     return standin.control.stats()["requests"].get("GET /v1/jwks", 0)
-
-
-def b64url(data: bytes | dict) -> str:
-    if isinstance(data, dict):
-        data = json.dumps(data, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def assert_unauthorized(response, token: str | None = None, *, token_given: bool = True) -> dict:
-    """401 ``unauthorized`` with the RFC 6750 challenge, and the token nowhere in the answer."""
-    assert response.status_code == 401, response.get_data(as_text=True)
-    error = response.json["error"]
-    assert error["code"] == "unauthorized"
-    expected = 'Bearer error="invalid_token"' if token_given else "Bearer"
-    assert response.headers["WWW-Authenticate"] == expected
-    if token:
-        assert token not in response.get_data(as_text=True)
-        assert token not in str(response.headers)
-    return error
-
-
-@contextmanager
-def app_with(schema: str, **overrides) -> Iterator[Flask]:
-    """A migrated app with some settings changed, disposed afterwards."""
-    app = make_test_app(schema, **overrides)
-    migrate(app)
-    try:
-        yield app
-    finally:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
 
 
 @pytest.fixture
@@ -280,8 +204,8 @@ def test_an_unknown_session_status_is_401(client, standin, user, status):
 # ---- azp, only when CLERK_AUTHORIZED_PARTIES is set
 
 
-def test_azp_must_be_listed_when_authorized_parties_are_set(schema, standin):
-    with app_with(schema, CLERK_AUTHORIZED_PARTIES=["https://app.iris.example", DEFAULT_AZP]) as app:
+def test_azp_must_be_listed_when_authorized_parties_are_set(make_app, standin):
+    with app_with(make_app, CLERK_AUTHORIZED_PARTIES=["https://app.iris.example", DEFAULT_AZP]) as app:
         client = app.test_client()
         sub = register(client)["clerk_user_id"]
         assert client.get(ME, headers=bearer(session_token(standin, sub))).status_code == 200
@@ -301,8 +225,8 @@ def test_without_authorized_parties_any_azp_or_none_is_accepted(client, standin,
 # ---- iss, only when CLERK_PUBLISHABLE_KEY is set
 
 
-def test_iss_must_match_the_publishable_key_when_it_is_set(schema, standin):
-    with app_with(schema, CLERK_PUBLISHABLE_KEY=STANDIN_PUBLISHABLE_KEY) as app:
+def test_iss_must_match_the_publishable_key_when_it_is_set(make_app, standin):
+    with app_with(make_app, CLERK_PUBLISHABLE_KEY=STANDIN_PUBLISHABLE_KEY) as app:
         client = app.test_client()
         sub = register(client)["clerk_user_id"]
         assert client.get(ME, headers=bearer(session_token(standin, sub))).status_code == 200
@@ -354,8 +278,10 @@ def test_a_malformed_publishable_key_is_a_config_error(publishable_key):
         config.issuer_from_publishable_key(publishable_key)
 
 
-def test_a_malformed_publishable_key_fails_the_first_request_with_the_reason_logged(schema, standin, caplog):
-    with app_with(schema, CLERK_PUBLISHABLE_KEY="pk_test_not-a-key") as app:
+def test_a_malformed_publishable_key_fails_the_first_request_with_the_reason_logged(
+    make_app, standin, caplog
+):
+    with app_with(make_app, CLERK_PUBLISHABLE_KEY="pk_test_not-a-key") as app:
         client = app.test_client()
         sub = register(client)["clerk_user_id"]
         response = client.get(ME, headers=bearer(session_token(standin, sub)))
@@ -461,8 +387,8 @@ def test_a_bad_cookie_is_401(client, standin, user):
 # ---- CLERK_JWT_KEY: networkless
 
 
-def test_clerk_jwt_key_verifies_without_any_jwks_request(schema, standin):
-    with app_with(schema, CLERK_JWT_KEY=standin.control.public_key_pem()) as app:
+def test_clerk_jwt_key_verifies_without_any_jwks_request(make_app, standin):
+    with app_with(make_app, CLERK_JWT_KEY=standin.control.public_key_pem()) as app:
         client = app.test_client()
         sub = register(client)["clerk_user_id"]
         for _ in range(5):
@@ -478,10 +404,10 @@ def test_clerk_jwt_key_verifies_without_any_jwks_request(schema, standin):
 
 
 @pytest.mark.parametrize("shape", ["one-line", "escaped-newlines"])
-def test_clerk_jwt_key_may_be_given_on_one_line(schema, standin, shape):
+def test_clerk_jwt_key_may_be_given_on_one_line(make_app, standin, shape):
     pem = standin.control.public_key_pem()
     pem = pem.replace("\n", "") if shape == "one-line" else pem.replace("\n", "\\n")
-    with app_with(schema, CLERK_JWT_KEY=pem) as app:
+    with app_with(make_app, CLERK_JWT_KEY=pem) as app:
         client = app.test_client()
         sub = register(client)["clerk_user_id"]
         assert client.get(ME, headers=bearer(session_token(standin, sub))).status_code == 200
@@ -573,8 +499,8 @@ def assert_provider_unavailable(response) -> None:
     assert "WWW-Authenticate" not in response.headers
 
 
-def test_jwks_unreachable_is_503(schema, standin):
-    with app_with(schema, CLERK_API_URL="http://127.0.0.1:1") as app:
+def test_jwks_unreachable_is_503(make_app, standin):
+    with app_with(make_app, CLERK_API_URL="http://127.0.0.1:1") as app:
         token = standin.control.sign(claims("user_x"))
         assert_provider_unavailable(app.test_client().get(ME, headers=bearer(token)))
 

@@ -18,7 +18,7 @@ from flask import Flask
 from clerk_standin import DEFAULT_SECRET_KEY
 from tests import drill_support
 from tests.check_cluster import SSLCluster
-from tests.conftest import TEST_DATABASE_URL, make_test_app
+from tests.helpers import TEST_DATABASE_URL
 from tests.tls import self_signed_certificate
 
 DB_PASSWORD = sa.make_url(TEST_DATABASE_URL).password or "db-password-never-printed"  # trust ignores it
@@ -49,8 +49,8 @@ def outcome(result: Result, name: str) -> str:
 # ---- plain PostgreSQL and the stand-in
 
 
-def test_every_check_passes_and_says_what_it_found(schema, standin):
-    result = check(make_test_app(schema))
+def test_every_check_passes_and_says_what_it_found(make_app, standin):
+    result = check(make_app())
     assert result.exit_code == 0, result.output
     pooled = outcome(result, "database (pooled)")
     assert re.fullmatch(r"  OK +\d+ ms  PostgreSQL \d+\.\d+.*, not encrypted \(sslmode=prefer\)", pooled)
@@ -60,9 +60,8 @@ def test_every_check_passes_and_says_what_it_found(schema, standin):
     assert result.output.endswith("\nOK: all 2 checks passed\n")
 
 
-def test_the_direct_url_is_checked_too_and_no_password_or_key_is_printed(schema):
-    app = make_test_app(
-        schema,
+def test_the_direct_url_is_checked_too_and_no_password_or_key_is_printed(make_app):
+    app = make_app(
         SQLALCHEMY_DATABASE_URI=with_password(TEST_DATABASE_URL),
         DATABASE_URL_DIRECT=with_password(TEST_DATABASE_URL.replace("postgresql+psycopg://", "postgres://")),
     )
@@ -75,9 +74,9 @@ def test_the_direct_url_is_checked_too_and_no_password_or_key_is_printed(schema)
     assert DEFAULT_SECRET_KEY not in result.output
 
 
-def test_an_unreachable_database_fails_fast_with_exit_1(schema):
+def test_an_unreachable_database_fails_fast_with_exit_1(make_app):
     url = with_password(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/iris")
-    result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url, DATABASE_URL_DIRECT=url))
+    result = check(make_app(SQLALCHEMY_DATABASE_URI=url, DATABASE_URL_DIRECT=url))
     assert result.exit_code == 1
     assert "  FAIL" in outcome(result, "database (pooled)") and "Connection refused" in result.output
     assert "  FAIL" in outcome(result, "database (direct)")
@@ -86,9 +85,9 @@ def test_an_unreachable_database_fails_fast_with_exit_1(schema):
     assert DB_PASSWORD not in result.output
 
 
-def test_a_wrong_clerk_key_fails_as_key_invalid_without_printing_it(schema):
+def test_a_wrong_clerk_key_fails_as_key_invalid_without_printing_it(make_app):
     key = "sk_live_wrong_key_that_must_never_be_printed"
-    result = check(make_test_app(schema, CLERK_SECRET_KEY=key))
+    result = check(make_app(CLERK_SECRET_KEY=key))
     assert result.exit_code == 1
     assert "sk_live_ key" in result.output
     assert "  FAIL" in outcome(result, "clerk") and "key invalid" in outcome(result, "clerk")
@@ -96,16 +95,16 @@ def test_a_wrong_clerk_key_fails_as_key_invalid_without_printing_it(schema):
     assert key not in result.output
 
 
-def test_clerk_unreachable_fails(schema):
-    result = check(make_test_app(schema, CLERK_API_URL=f"http://127.0.0.1:{closed_port()}"))
+def test_clerk_unreachable_fails(make_app):
+    result = check(make_app(CLERK_API_URL=f"http://127.0.0.1:{closed_port()}"))
     assert result.exit_code == 1
     assert "  FAIL" in outcome(result, "clerk") and "Clerk unreachable" in outcome(result, "clerk")
     assert result.output.endswith("\nFAILED: 1 of 2 checks failed\n")
 
 
-def test_a_development_sqlite_database_is_checked_without_ssl_questions(schema, tmp_path):
+def test_a_development_sqlite_database_is_checked_without_ssl_questions(make_app, tmp_path):
     uri = f"sqlite:///{tmp_path / 'iris.sqlite3'}"
-    result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=uri, SQLALCHEMY_ENGINE_OPTIONS={}))
+    result = check(make_app(SQLALCHEMY_DATABASE_URI=uri, SQLALCHEMY_ENGINE_OPTIONS={}))
     assert result.exit_code == 0, result.output
     assert "sqlite answered (not PostgreSQL: development only)" in outcome(result, "database (pooled)")
 
@@ -120,9 +119,8 @@ def ssl_cluster() -> Iterator[SSLCluster]:
         yield cluster
 
 
-def test_sslmode_require_and_verify_full_pass_and_report_ssl_in_use(schema, ssl_cluster):
-    app = make_test_app(
-        schema,
+def test_sslmode_require_and_verify_full_pass_and_report_ssl_in_use(make_app, ssl_cluster):
+    app = make_app(
         SQLALCHEMY_DATABASE_URI=with_password(ssl_cluster.dsn(sslmode="require")),
         DATABASE_URL_DIRECT=with_password(
             ssl_cluster.dsn(sslmode="verify-full", sslrootcert=ssl_cluster.certificate_path)
@@ -136,20 +134,20 @@ def test_sslmode_require_and_verify_full_pass_and_report_ssl_in_use(schema, ssl_
     assert DB_PASSWORD not in result.output
 
 
-def test_verify_full_fails_against_a_certificate_from_another_ca(schema, ssl_cluster, tmp_path):
+def test_verify_full_fails_against_a_certificate_from_another_ca(make_app, ssl_cluster, tmp_path):
     other_ca = tmp_path / "other-ca.crt"
     other_ca.write_bytes(self_signed_certificate()[0])
     url = ssl_cluster.dsn(sslmode="verify-full", sslrootcert=str(other_ca))
-    result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url))
+    result = check(make_app(SQLALCHEMY_DATABASE_URI=url))
     assert result.exit_code == 1
     assert "  FAIL" in outcome(result, "database (pooled)") and "certificate verify failed" in result.output
 
 
-def test_sslmode_require_fails_clearly_when_the_server_has_ssl_off(schema, ssl_cluster):
+def test_sslmode_require_fails_clearly_when_the_server_has_ssl_off(make_app, ssl_cluster):
     ssl_cluster.set_ssl(False)
     try:
         url = with_password(ssl_cluster.dsn(sslmode="require"))
-        result = check(make_test_app(schema, SQLALCHEMY_DATABASE_URI=url))
+        result = check(make_app(SQLALCHEMY_DATABASE_URI=url))
     finally:
         ssl_cluster.set_ssl(True)
     assert result.exit_code == 1

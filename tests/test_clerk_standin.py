@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -34,47 +35,51 @@ from clerk_standin import (
     StandinServer,
 )
 
-ID_RE = {prefix: re.compile(rf"^{prefix}_[0-9A-Za-z]{{27}}$") for prefix in ("user", "idn", "sess", "ins")}
+ID_RE = MappingProxyType(
+    {prefix: re.compile(rf"^{prefix}_[0-9A-Za-z]{{27}}$") for prefix in ("user", "idn", "sess", "ins")}
+)
 TIMEOUT = 5
 
 # Fields clerk-backend-api 7.0.0's User model requires (the SDK's own model, not our choice).
-REQUIRED_USER_FIELDS = {
-    "id",
-    "object",
-    "external_id",
-    "primary_email_address_id",
-    "primary_phone_number_id",
-    "primary_web3_wallet_id",
-    "username",
-    "first_name",
-    "last_name",
-    "has_image",
-    "public_metadata",
-    "email_addresses",
-    "phone_numbers",
-    "web3_wallets",
-    "passkeys",
-    "password_enabled",
-    "two_factor_enabled",
-    "totp_enabled",
-    "backup_code_enabled",
-    "mfa_enabled_at",
-    "mfa_disabled_at",
-    "external_accounts",
-    "saml_accounts",
-    "enterprise_accounts",
-    "last_sign_in_at",
-    "banned",
-    "locked",
-    "lockout_expires_in_seconds",
-    "verification_attempts_remaining",
-    "updated_at",
-    "created_at",
-    "delete_self_enabled",
-    "create_organization_enabled",
-    "last_active_at",
-    "legal_accepted_at",
-}
+REQUIRED_USER_FIELDS = frozenset(
+    {
+        "id",
+        "object",
+        "external_id",
+        "primary_email_address_id",
+        "primary_phone_number_id",
+        "primary_web3_wallet_id",
+        "username",
+        "first_name",
+        "last_name",
+        "has_image",
+        "public_metadata",
+        "email_addresses",
+        "phone_numbers",
+        "web3_wallets",
+        "passkeys",
+        "password_enabled",
+        "two_factor_enabled",
+        "totp_enabled",
+        "backup_code_enabled",
+        "mfa_enabled_at",
+        "mfa_disabled_at",
+        "external_accounts",
+        "saml_accounts",
+        "enterprise_accounts",
+        "last_sign_in_at",
+        "banned",
+        "locked",
+        "lockout_expires_in_seconds",
+        "verification_attempts_remaining",
+        "updated_at",
+        "created_at",
+        "delete_self_enabled",
+        "create_organization_enabled",
+        "last_active_at",
+        "legal_accepted_at",
+    }
+)
 
 
 class Api:

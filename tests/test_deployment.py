@@ -40,7 +40,6 @@ import sqlalchemy as sa
 
 from iris import clerk, create_app, security
 from iris.extensions import db
-from tests.conftest import make_test_app
 from tests.helpers import PASSWORD, URL
 from tests.servers import (
     GUNICORN_CONF,
@@ -323,19 +322,19 @@ def request_through(app, headers: dict[str, str], caplog) -> tuple[Any, logging.
     return response, record
 
 
-def test_control_one_hop_too_many_lets_the_client_choose_its_address(schema, caplog):
+def test_control_one_hop_too_many_lets_the_client_choose_its_address(make_app, caplog):
     """IRIS_PROXY_HOPS=2 behind one nginx: the forged X-Forwarded-For value is taken for the client."""
     headers = {"X-Forwarded-For": f"{FORGED}, {CLIENT}", "X-Forwarded-Proto": "https"}  # as nginx sends it
-    _, exact = request_through(make_test_app(schema, IRIS_PROXY_HOPS=1), headers, caplog)
+    _, exact = request_through(make_app(IRIS_PROXY_HOPS=1), headers, caplog)
     assert exact.remote_addr == CLIENT
-    _, too_many = request_through(make_test_app(schema, IRIS_PROXY_HOPS=2), headers, caplog)
+    _, too_many = request_through(make_app(IRIS_PROXY_HOPS=2), headers, caplog)
     assert too_many.remote_addr == FORGED
 
 
-def test_with_two_hops_the_scheme_the_proxies_pass_on_still_counts(schema, caplog):
+def test_with_two_hops_the_scheme_the_proxies_pass_on_still_counts(make_app, caplog):
     """A load balancer terminates TLS and nginx passes its X-Forwarded-Proto on: one value, ``https``."""
     headers = {"X-Forwarded-For": f"203.0.113.9, {CLIENT}", "X-Forwarded-Proto": "https"}
-    response, record = request_through(make_test_app(schema, IRIS_PROXY_HOPS=2), headers, caplog)
+    response, record = request_through(make_app(IRIS_PROXY_HOPS=2), headers, caplog)
     assert record.remote_addr == "203.0.113.9"
     assert record.scheme == "https"
     assert response.headers["Strict-Transport-Security"] == security.HSTS

@@ -16,17 +16,15 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
 
 from iris import config, registration
 from iris.extensions import db
-from tests.conftest import TEST_DATABASE_URL, migrate
 from tests.drill_app import drill_app
 from tests.drill_support import (
-    PASSWORD,
-    REGISTER,
     AppServer,
     Driver,
     Outcome,
@@ -37,19 +35,16 @@ from tests.drill_support import (
     create_clerk_user,
     label,
     libpq_url,
-    session_token,
     status_counts,
     wait_until,
 )
+from tests.helpers import PASSWORD, TEST_DATABASE_URL, URL, dispose, migrate, session_token
+
+# Each drill runs for many seconds: `make test-fast` (pytest -m "not slow") leaves them out.
+pytestmark = pytest.mark.slow
 
 PREPARED_STATEMENT_ERROR = re.compile(r'prepared statement "_pg3_\d+" (does not exist|already exists)')
 APP_THREADS = 8  # gunicorn threads in the app's one worker
-
-
-def close_app(app: Flask) -> None:
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
 
 
 def assert_production_engine(app: Flask) -> None:
@@ -68,12 +63,13 @@ def register_token_users(base_url: str, standin, count: int) -> tuple[list[str],
     tokens, owners = [], {}
     for n in range(count):
         response = requests.post(
-            base_url + REGISTER,
+            base_url + URL,
             json={"email": f"token-{uuid.uuid4().hex[:8]}-{n}@drill.example", "password": PASSWORD},
             timeout=30,
         )
         assert response.status_code == 201, response.text
-        token = session_token(standin.api_url, standin.secret_key, response.json()["clerk_user_id"])
+        # An hour: the drill outlasts the stand-in's default token lifetime.
+        token = session_token(standin, response.json()["clerk_user_id"], expires_in_seconds=3600)
         tokens.append(token)
         owners[token] = response.json()["id"]
     return tokens, owners
@@ -197,9 +193,9 @@ def test_pgbouncer_transaction_mode_drill(admin_engine, standin):
     try:
         # Migrations go straight to PostgreSQL, as in production they go over Neon's direct URL
         # (DATABASE_URL_DIRECT), never through the pooler.
-        apps.append(drill_app(direct))
+        apps.append(drill_app(direct, standin.base_url))
         migrate(apps[-1])
-        close_app(apps[-1])
+        dispose(apps[-1])
 
         with bouncer:
             pooled = bouncer.url(direct)
@@ -243,7 +239,7 @@ def test_pgbouncer_transaction_mode_drill(admin_engine, standin):
                     raise
                 finally:
                     driver.join(timeout=600)
-                close_app(apps[-1])
+                dispose(apps[-1])
                 server.stop()
                 app_log = server.log_text()
             stats = {row["database"]: row for row in bouncer.show("SHOW STATS")}[dbname]
@@ -261,7 +257,7 @@ def test_pgbouncer_transaction_mode_drill(admin_engine, standin):
         at_clerk = clerk_users(standin.api_url, standin.secret_key)
     finally:
         for app in apps:
-            close_app(app)
+            dispose(app)
         with admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
 
@@ -365,7 +361,7 @@ def test_postgresql_restart_under_load_drill(standin):
         try:
             migrate(app)
             assert_production_engine(app)
-            close_app(app)
+            dispose(app)
             options = app.config["SQLALCHEMY_ENGINE_OPTIONS"]
             # No request may outlast waiting for a pooled connection plus opening a new one.
             longest_allowed = options["pool_timeout"] + options["connect_args"]["connect_timeout"]
@@ -419,7 +415,7 @@ def test_postgresql_restart_under_load_drill(standin):
             rows_after = users_table(url)
             clerk_after = clerk_users(standin.api_url, standin.secret_key)
         finally:
-            close_app(app)
+            dispose(app)
         server_log = cluster.log_text()
 
     outcomes = driver.snapshot()

@@ -5,8 +5,6 @@ import logging
 import pytest
 from flask import Blueprint, request
 
-from tests.conftest import make_test_app
-
 probe = Blueprint("probe", __name__)
 
 
@@ -26,8 +24,8 @@ def page_boom():
 
 
 @pytest.fixture
-def probe_client(schema):
-    app = make_test_app(schema, MAX_CONTENT_LENGTH=1024)
+def probe_client(make_app):
+    app = make_app(MAX_CONTENT_LENGTH=1024)
     app.register_blueprint(probe)
     return app.test_client()
 

@@ -149,11 +149,9 @@ def test_the_app_engine_is_built_with_the_neon_options(app):
         assert db.engine.dialect.driver == "psycopg"
 
 
-def test_test_config_ignores_the_environment(monkeypatch, schema):
-    from tests.conftest import make_test_app
-
+def test_test_config_ignores_the_environment(monkeypatch, make_app):
     monkeypatch.setenv("IRIS_TIMEZONE", "Asia/Tokyo")
-    app = make_test_app(schema)
+    app = make_app()
     assert app.config["IRIS_TIMEZONE"] == "Europe/Stockholm"
 
 
@@ -168,10 +166,8 @@ def test_flask_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("hops", [0, 2])
-def test_proxy_fix_only_with_trusted_hops(schema, hops):
-    from tests.conftest import make_test_app
-
-    app = make_test_app(schema, IRIS_PROXY_HOPS=hops)
+def test_proxy_fix_only_with_trusted_hops(make_app, hops):
+    app = make_app(IRIS_PROXY_HOPS=hops)
     assert isinstance(app.wsgi_app, ProxyFix) is (hops > 0)
     if hops:
         assert app.wsgi_app.x_for == 2
@@ -197,11 +193,10 @@ def test_a_timeout_that_is_not_a_positive_whole_number_stops_start_up(tmp_path, 
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
 
 
-def test_each_app_engine_carries_its_own_statement_timeout(schema):
+def test_each_app_engine_carries_its_own_statement_timeout(make_app):
     from iris.extensions import db
-    from tests.conftest import make_test_app
 
-    default, short = make_test_app(schema), make_test_app(schema, IRIS_DB_STATEMENT_TIMEOUT_MS=1234)
+    default, short = make_app(), make_app(IRIS_DB_STATEMENT_TIMEOUT_MS=1234)
     for app, expected in ((default, 5000), (short, 1234)):
         with app.app_context():
             assert db.engine.get_execution_options()[config.STATEMENT_TIMEOUT_OPTION] == expected

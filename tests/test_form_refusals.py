@@ -16,16 +16,15 @@ import pytest
 
 from iris import errors
 from iris.errors import CSRF_REASONS, OVER_PLAIN_HTTP, csrf_explanation
-from tests.conftest import make_test_app, migrate
-from tests.helpers import PASSWORD
+from tests.helpers import PASSWORD, migrate
 
 HTTPS = "https://localhost"
 PAGE = HTTPS + "/signup"
 
 
 @pytest.fixture
-def csrf_app(schema):
-    app = make_test_app(schema, WTF_CSRF_ENABLED=True)
+def csrf_app(make_app):
+    app = make_app(WTF_CSRF_ENABLED=True)
     migrate(app)
     return app
 
@@ -99,9 +98,9 @@ def test_no_session_cookie_over_plain_http_with_secure_cookies_asks_for_https(cs
     assert "X-Forwarded-Proto" in problem and "IRIS_PROXY_HOPS" in problem
 
 
-def test_control_without_secure_cookies_plain_http_is_not_blamed(schema, caplog, standin):
+def test_control_without_secure_cookies_plain_http_is_not_blamed(make_app, caplog, standin):
     """The development server's cookies are not Secure: a missing cookie there is the browser's doing."""
-    app = make_test_app(schema, WTF_CSRF_ENABLED=True, SESSION_COOKIE_SECURE=False)
+    app = make_app(WTF_CSRF_ENABLED=True, SESSION_COOKIE_SECURE=False)
     migrate(app)
     token = page_token(app.test_client(), "http://localhost")
     response = post(app.test_client(), token, base_url="http://localhost", referrer=None)

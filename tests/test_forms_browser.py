@@ -13,15 +13,15 @@ deployment gets a page that says what is wrong (not "form expired") with one log
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import pytest
 from playwright.sync_api import Page
 
 from iris import errors
 from tests.browsers import BrowserSite, accounts, browser_site, other_site, screenshot
-from tests.conftest import make_test_app
 from tests.helpers import PASSWORD, clerk_users
 from tests.servers import migrated_schema
 
@@ -41,9 +41,11 @@ def fill_signup(page: Page) -> None:
 
 
 # Every URL rule outside /api/ that accepts a CSRF-checked method, by rule.
-FORM_PAGES: dict[str, FormPage] = {
-    "/signup": FormPage(path=lambda web: "/signup", fill=fill_signup),
-}
+FORM_PAGES: Mapping[str, FormPage] = MappingProxyType(
+    {
+        "/signup": FormPage(path=lambda web: "/signup", fill=fill_signup),
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def refusal(page: Page) -> str:
     return page.locator("main .lede").inner_text()
 
 
-def test_every_form_page_is_in_the_browser_harness():
-    app = make_test_app("unused")  # the URL map needs no database
+def test_every_form_page_is_in_the_browser_harness(make_app):
+    app = make_app()  # the URL map needs no database
     checked = set(app.config["WTF_CSRF_METHODS"])
     form_rules = {
         rule.rule

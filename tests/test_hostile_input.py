@@ -12,6 +12,8 @@ import json
 import logging
 import operator
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -20,8 +22,7 @@ from hypothesis import strategies as st
 
 from iris import create_app
 from iris.api import REGISTER_FIELDS
-from tests.conftest import TEST_DATABASE_URL
-from tests.test_auth import PASSWORD, b64url, register, session_token
+from tests.helpers import PASSWORD, TEST_DATABASE_URL, b64url, register, session_token
 
 # Every method of every API rule. Building the app touches neither the database nor the network.
 _URL_MAP = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": TEST_DATABASE_URL}).url_map
@@ -33,12 +34,14 @@ ROUTES = sorted(
 )
 # Values for the variable parts of a rule, by converter. A converter missing here fails the test: a new
 # endpoint's URL must be generated too, not skipped.
-URL_VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "uuid": st.uuids(),
-    "int": st.integers(min_value=0, max_value=2**63),
-    "default": st.text(min_size=1, max_size=40),
-    "string": st.text(min_size=1, max_size=40),
-}
+URL_VALUES: Mapping[str, st.SearchStrategy[Any]] = MappingProxyType(
+    {
+        "uuid": st.uuids(),
+        "int": st.integers(min_value=0, max_value=2**63),
+        "default": st.text(min_size=1, max_size=40),
+        "string": st.text(min_size=1, max_size=40),
+    }
+)
 URL_VARIABLE = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")
 
 # What an HTTP header can carry: latin-1 text without line breaks (a server refuses those outright).

@@ -142,3 +142,108 @@ def test_the_cycle_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     assert find_cycle(iris_import_graph(tmp_path)) == ["iris.config", "iris.auth", "iris.config"]
     (tmp_path / "config.py").write_text("import os\n")
     assert find_cycle(iris_import_graph(tmp_path)) is None
+
+
+# ---- The test suite's own layout: fixtures in conftest.py, helpers in helpers.py, no shared state.
+
+# Calls that build a fresh mutable container at import time.
+MUTABLE_CALLS = frozenset(
+    {"list", "dict", "set", "bytearray", "defaultdict", "deque", "OrderedDict", "Counter"}
+)
+MUTABLE_NODES = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+
+
+def is_test_support_import(name: str) -> bool:
+    """Whether the dotted ``name`` is (something in) a test module or conftest.py."""
+    parts = name.split(".")
+    if parts[0] == "tests":
+        parts = parts[1:]
+    return bool(parts) and (parts[0] == "conftest" or parts[0].startswith("test_"))
+
+
+def layout_problems(path: Path) -> list[str]:
+    """What a ``tests/*.py`` module does against the suite's layout, as ``"line N: ..."`` strings.
+
+    The rule: test modules hold tests, conftest.py holds fixtures, tests/helpers.py (and the support modules
+    beside it: servers, browsers, drill_support, ...) hold everything shared. So no module imports a test
+    module or conftest.py (pytest loads conftest.py itself; importing it as well gives two copies of its
+    state). And no module keeps mutable state at module level: a list, dict or set assigned there
+    (a literal, a comprehension or a ``list()``-style call), an augmented assignment there, or a ``global``
+    statement anywhere. Such state is shared by every test of the run, so one test can change what the next
+    one sees. Constants are fine: strings, numbers, tuples, frozensets and read-only mappings
+    (``types.MappingProxyType``); state a test needs belongs in a fixture, whose scope says how long it lives.
+    """
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    problems = [
+        f"imports {name}"
+        for name in sorted(imported_modules(source, "tests"))
+        if is_test_support_import(name)
+    ]
+    problems = [f"{path.name}: {problem}" for problem in problems]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            problems.append(f"{path.name}: line {node.lineno}: global {', '.join(node.names)}")
+    for node in tree.body:
+        if isinstance(node, ast.AugAssign):
+            problems.append(
+                f"{path.name}: line {node.lineno}: module-level {ast.unparse(node.target)} changes"
+            )
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            value = node.value
+            called = value.func if isinstance(value, ast.Call) else None
+            called_name = (
+                called.id
+                if isinstance(called, ast.Name)
+                else called.attr
+                if isinstance(called, ast.Attribute)
+                else ""
+            )
+            if isinstance(value, MUTABLE_NODES) or called_name in MUTABLE_CALLS:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = ", ".join(ast.unparse(target) for target in targets)
+                problems.append(f"{path.name}: line {node.lineno}: module-level mutable {names}")
+    return problems
+
+
+def test_test_modules_share_through_helpers_not_each_other_and_keep_no_module_state() -> None:
+    paths = sorted((ROOT / "tests").glob("*.py"))
+    assert {"conftest.py", "helpers.py", "test_layout.py"} <= {path.name for path in paths}
+    assert [problem for path in paths for problem in layout_problems(path)] == []
+
+
+def test_the_layout_check_sees_test_imports_and_module_state(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "from tests.conftest import make_test_app\n"
+        "from tests.test_auth import register\n"
+        "from tests import test_users_api\n"
+        "from tests.helpers import PASSWORD\n"
+        "from tests.servers import free_port\n"
+        "APPS = []\n"
+        "SEEN: dict[str, int] = {}\n"
+        "IDS = [n for n in range(3)]\n"
+        "CACHE = dict()\n"
+        "COUNT = 0\n"
+        "COUNT += 1\n"
+        "NAMES = ('a', 'b')\n"
+        "KINDS = frozenset({'x'})\n"
+        "URL = '/api'\n"
+        "def bump():\n"
+        "    global COUNT\n"
+        "    local = []\n"
+        "    return local\n"
+    )
+    assert layout_problems(probe) == [
+        "test_probe.py: imports tests.conftest",
+        "test_probe.py: imports tests.conftest.make_test_app",
+        "test_probe.py: imports tests.test_auth",
+        "test_probe.py: imports tests.test_auth.register",
+        "test_probe.py: imports tests.test_users_api",
+        "test_probe.py: line 16: global COUNT",
+        "test_probe.py: line 6: module-level mutable APPS",
+        "test_probe.py: line 7: module-level mutable SEEN",
+        "test_probe.py: line 8: module-level mutable IDS",
+        "test_probe.py: line 9: module-level mutable CACHE",
+        "test_probe.py: line 11: module-level COUNT changes",
+    ]

@@ -7,7 +7,7 @@ from alembic.runtime.migration import MigrationContext
 
 from iris import create_app
 from iris.extensions import db
-from tests.conftest import TEST_DATABASE_URL, make_test_app
+from tests.helpers import TEST_DATABASE_URL
 
 
 def test_models_and_migrations_do_not_drift(app):
@@ -17,10 +17,9 @@ def test_models_and_migrations_do_not_drift(app):
     assert differences == []
 
 
-def test_upgrade_runs_over_the_direct_url_when_set(schema, admin_engine):
+def test_upgrade_runs_over_the_direct_url_when_set(make_app, schema, admin_engine):
     # The pooled URL points at a closed port: only the direct URL can have built the table.
-    app = make_test_app(
-        schema,
+    app = make_app(
         SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/nowhere",
         DATABASE_URL_DIRECT=TEST_DATABASE_URL.replace("postgresql+psycopg://", "postgres://")
         + f"?options=-csearch_path%3D{schema}",

@@ -11,8 +11,7 @@ import pytest
 
 from clerk_standin import DEFAULT_SECRET_KEY
 from iris.observability import json_handler
-from tests.conftest import make_test_app, migrate
-from tests.test_register_api import URL
+from tests.helpers import URL, migrate
 
 
 @pytest.fixture
@@ -64,12 +63,10 @@ def test_application_logs_carry_the_request_id(client, standin, log_lines):
     assert {line["request_id"] for line in clerk_lines} == {response.headers["X-Request-ID"]}
 
 
-def test_no_password_token_or_secret_key_reaches_the_logs(schema, standin, log_lines, caplog):
+def test_no_password_token_or_secret_key_reaches_the_logs(make_app, standin, log_lines, caplog):
     """Every registration path, errors included, with everything logged at DEBUG."""
     flask_secret = f"flask-{uuid.uuid4().hex}"
-    app = make_test_app(
-        schema, SECRET_KEY=flask_secret, RATELIMIT_ENABLED=True, RATELIMIT_REGISTER="12/minute"
-    )
+    app = make_app(SECRET_KEY=flask_secret, RATELIMIT_ENABLED=True, RATELIMIT_REGISTER="12/minute")
     migrate(app)
     client = app.test_client()
     password = f"Pw-{uuid.uuid4().hex}"

@@ -20,6 +20,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -42,17 +43,16 @@ from schemathesis.specs.openapi.checks import (
 )
 from werkzeug.serving import make_server
 
-from clerk_standin import DEFAULT_SECRET_KEY
 from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
 from iris.extensions import db
-from tests.conftest import make_test_app, migrate
-from tests.test_register_api import PASSWORD
-from tests.test_registration_guarantees import FAILING_TRIGGER
+from tests.helpers import BAPI_HEADERS, FAILING_TRIGGER, PASSWORD, migrate, register, session_token
 
 DOCUMENT = openapi_document()
 DOCUMENT_URI = "urn:iris:openapi"
 REGISTRY = Registry().with_resource(DOCUMENT_URI, Resource(contents=DOCUMENT, specification=DRAFT202012))
 
+# Tokens outlive the whole schemathesis run (the stand-in's default is Clerk's 60 seconds).
+TOKEN_SECONDS = 600
 REGISTER = ("post", "/api/v1/auth/register")
 ME = ("get", "/api/v1/users/me")
 USER = ("get", "/api/v1/users/{user_id}")
@@ -61,16 +61,25 @@ HEALTHZ = ("get", "/healthz")
 READYZ = ("get", "/readyz")
 
 # The statuses each operation can answer with, operation by operation: exactly these are documented.
-EXPECTED_STATUSES = {
-    REGISTER: {201, 400, 409, 413, 415, 422, 429, 500, 502, 503},
-    ME: {200, 401, 403, 404, 429, 500, 502, 503},
-    USER: {200, 401, 403, 404, 429, 500, 502, 503},
-    OPENAPI: {200, 429, 500},
-    HEALTHZ: {200, 500},
-    READYZ: {200, 500, 503},
-}
+EXPECTED_STATUSES = MappingProxyType(
+    {
+        REGISTER: frozenset({201, 400, 409, 413, 415, 422, 429, 500, 502, 503}),
+        ME: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
+        USER: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
+        OPENAPI: frozenset({200, 429, 500}),
+        HEALTHZ: frozenset({200, 500}),
+        READYZ: frozenset({200, 500, 503}),
+    }
+)
 # Headers each status must promise (as required), whatever the operation.
-REQUIRED_HEADERS = {201: {"Location"}, 401: {"WWW-Authenticate"}, 429: {"Retry-After"}, 503: {"Retry-After"}}
+REQUIRED_HEADERS = MappingProxyType(
+    {
+        201: frozenset({"Location"}),
+        401: frozenset({"WWW-Authenticate"}),
+        429: frozenset({"Retry-After"}),
+        503: frozenset({"Retry-After"}),
+    }
+)
 DATABASE_DOWN = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
 
 
@@ -133,7 +142,7 @@ def clerk_call(standin, method: str, path: str, **kwargs) -> Any:
     response = requests.request(
         method,
         standin.api_url + path,
-        headers={"Authorization": f"Bearer {DEFAULT_SECRET_KEY}"},
+        headers=BAPI_HEADERS,
         timeout=5,
         **kwargs,
     )
@@ -141,23 +150,10 @@ def clerk_call(standin, method: str, path: str, **kwargs) -> Any:
     return response.json()
 
 
-def session_token(standin, clerk_user_id: str) -> str:
-    """A real Clerk session token for ``clerk_user_id``, made as Clerk makes one (session, then token)."""
-    session = clerk_call(standin, "POST", "/sessions", json={"user_id": clerk_user_id})
-    token = clerk_call(standin, "POST", f"/sessions/{session['id']}/tokens", json={"expires_in_seconds": 600})
-    return token["jwt"]
-
-
-def register(client, email: str = "owner@bistro.example") -> dict[str, Any]:
-    response = client.post(REGISTER[1], json={"email": email, "password": PASSWORD})
-    assert response.status_code == 201, response.get_data(as_text=True)
-    return response.json
-
-
 def signed_in(client, standin, email: str = "owner@bistro.example") -> tuple[dict[str, Any], dict[str, str]]:
     """A registered account and the Authorization header of a session token for it."""
     user = register(client, email)
-    return user, {"Authorization": f"Bearer {session_token(standin, user['clerk_user_id'])}"}
+    return user, {"Authorization": f"Bearer {session_token(standin, user['clerk_user_id'], TOKEN_SECONDS)}"}
 
 
 def execute(app: Flask, statement: str, **params: Any) -> None:
@@ -216,7 +212,8 @@ def test_each_operation_documents_its_statuses_and_their_headers(operation):
         pointer, definition = resolve(f"/paths/{pointer_escape(path)}/{method}/responses/{status}")
         headers = {name: resolve(f"{pointer}/headers/{name}")[1] for name in definition.get("headers", {})}
         required = {name for name, header in headers.items() if header.get("required")}
-        assert {"X-Request-ID"} | REQUIRED_HEADERS.get(int(status), set()) <= required, (operation, status)
+        promised = {"X-Request-ID"} | REQUIRED_HEADERS.get(int(status), frozenset())
+        assert promised <= required, (operation, status)
         assert list(definition["content"]) == ["application/json"]
 
 
@@ -297,8 +294,8 @@ def test_register_429_when_clerk_rate_limits(client, standin):
     assert response.headers["Retry-After"] == "17"
 
 
-def test_register_429_from_our_own_rate_limit(schema):
-    app = make_test_app(schema, RATELIMIT_ENABLED=True, RATELIMIT_REGISTER="1 per minute")
+def test_register_429_from_our_own_rate_limit(make_app):
+    app = make_app(RATELIMIT_ENABLED=True, RATELIMIT_REGISTER="1 per minute")
     migrate(app)
     client = app.test_client()
     register(client, "a@b.example")
@@ -321,8 +318,8 @@ def test_register_503_when_clerk_fails(client, standin, fault):
     assert_conforms(post_register(client), REGISTER, 503)
 
 
-def test_register_503_when_the_database_is_down(schema):
-    client = make_test_app(schema, SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
+def test_register_503_when_the_database_is_down(make_app):
+    client = make_app(SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
     assert_conforms(post_register(client), REGISTER, 503)
 
 
@@ -361,15 +358,15 @@ def test_404_user_not_found_for_a_clerk_user_without_an_account(client, standin,
     clerk_user = clerk_call(
         standin, "POST", "/users", json={"email_address": ["x@y.example"], "password": PASSWORD}
     )
-    headers = {"Authorization": f"Bearer {session_token(standin, clerk_user['id'])}"}
+    headers = {"Authorization": f"Bearer {session_token(standin, clerk_user['id'], TOKEN_SECONDS)}"}
     response = client.get(url(operation), headers=headers)
     assert_conforms(response, operation, 404)
     assert response.json["error"]["code"] == "user_not_found"
 
 
 @pytest.mark.parametrize("operation", [ME, USER, OPENAPI], ids=operation_id)
-def test_429_from_the_default_rate_limit(schema, operation):
-    app = make_test_app(schema, RATELIMIT_ENABLED=True, RATELIMIT_DEFAULT="2 per minute")
+def test_429_from_the_default_rate_limit(make_app, operation):
+    app = make_app(RATELIMIT_ENABLED=True, RATELIMIT_DEFAULT="2 per minute")
     client = app.test_client()
     path = url(operation)
     assert [client.get(path).status_code for _ in range(2)] in ([200, 200], [401, 401])
@@ -402,9 +399,9 @@ def test_503_when_clerks_keys_are_unreachable(client, standin, operation):
 
 
 @pytest.mark.parametrize("operation", [ME, USER], ids=operation_id)
-def test_503_when_the_database_is_down(client, standin, schema, operation):
+def test_503_when_the_database_is_down(client, standin, make_app, operation):
     user, headers = signed_in(client, standin)
-    down = make_test_app(schema, SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
+    down = make_app(SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
     response = down.get(url(operation, user["id"]), headers=headers)
     assert_conforms(response, operation, 503)
     assert response.json["error"]["code"] == "database_unavailable"
@@ -438,9 +435,9 @@ def test_healthz_200(client):
     assert_conforms(client.get(HEALTHZ[1]), HEALTHZ, 200)
 
 
-def test_readyz_200_and_503(client, schema):
+def test_readyz_200_and_503(client, make_app):
     assert_conforms(client.get(READYZ[1]), READYZ, 200)
-    down = make_test_app(schema, SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
+    down = make_app(SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
     assert_conforms(down.get(READYZ[1]), READYZ, 503)
 
 
@@ -458,16 +455,17 @@ def live_url(app: Flask) -> Iterator[str]:
     thread.join(timeout=5)
 
 
-CHECKS = [
+CHECKS = (
     not_a_server_error,
     status_code_conformance,
     response_schema_conformance,
     response_headers_conformance,
     content_type_conformance,
-]
+)
 MAX_EXAMPLES = 40
 
 
+@pytest.mark.slow  # several seconds: hundreds of generated requests
 def test_schemathesis_finds_nothing_against_the_live_app(app, live_url, standin):
     """Every operation of the document the app serves, with schema-conforming (positive) and violating
     (negative) requests; on the users endpoints, with generated credentials and with real session tokens
@@ -475,7 +473,10 @@ def test_schemathesis_finds_nothing_against_the_live_app(app, live_url, standin)
     owner = register(app.test_client(), "owner@bistro.example")
     admin = register(app.test_client(), "admin@iris.example")
     execute(app, "UPDATE users SET role = 'admin' WHERE id = :id", id=admin["id"])
-    tokens = [None, *(session_token(standin, user["clerk_user_id"]) for user in (owner, admin))]
+    tokens = [
+        None,
+        *(session_token(standin, user["clerk_user_id"], TOKEN_SECONDS) for user in (owner, admin)),
+    ]
     with requests.Session() as http:
         # The document as the live app serves it (from_url would leave the document's own operation out).
         schema = schemathesis.openapi.from_dict(http.get(live_url + OPENAPI[1], timeout=5).json())
@@ -489,7 +490,7 @@ def test_schemathesis_finds_nothing_against_the_live_app(app, live_url, standin)
                 def check(case, token):
                     if token is not None:  # only the users endpoints read it
                         case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
-                    case.call_and_validate(base_url=live_url, session=http, checks=CHECKS)
+                    case.call_and_validate(base_url=live_url, session=http, checks=list(CHECKS))
 
                 check()
 
@@ -560,6 +561,7 @@ if CHROMIUM is None and os.environ.get("CI"):
     raise RuntimeError("Chromium is required for the browser tests in CI; .ci/run should install it")
 
 
+@pytest.mark.slow  # starts Chromium
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)")
 def test_docs_renders_in_chromium_under_the_apps_csp_with_no_violation(live_url):
     """Swagger UI renders every operation, expands one, opens Authorize and runs "Try it out", under the
@@ -573,7 +575,7 @@ def test_docs_renders_in_chromium_under_the_apps_csp_with_no_violation(live_url)
     directives = dict(part.strip().partition(" ")[::2] for part in csp.split(";") if part.strip())
     assert directives.get("script-src") == "'self'", csp
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         problems: list[str] = []
         urls: list[str] = []

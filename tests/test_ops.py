@@ -1,10 +1,8 @@
 """Liveness and readiness."""
 
-from tests.conftest import make_test_app
 
-
-def test_healthz_answers_without_the_database(schema):
-    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+def test_healthz_answers_without_the_database(make_app):
+    app = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
     assert response.json == {"status": "ok"}
@@ -16,8 +14,8 @@ def test_readyz_checks_the_database(client):
     assert response.json == {"status": "ok", "database": "ok"}
 
 
-def test_readyz_is_503_database_unavailable_when_the_port_is_closed(schema):
-    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+def test_readyz_is_503_database_unavailable_when_the_port_is_closed(make_app):
+    app = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert response.json["error"]["code"] == "database_unavailable"

@@ -18,17 +18,16 @@ import redis
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import TEST_DATABASE_URL, make_test_app, migrate
-from tests.test_register_api import PASSWORD, URL, assert_error
+from tests.helpers import PASSWORD, TEST_DATABASE_URL, URL, assert_error, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture
-def limited_app(schema):
-    app = make_test_app(
-        schema, RATELIMIT_ENABLED=True, RATELIMIT_REGISTER="2 per minute", RATELIMIT_DEFAULT="5 per minute"
+def limited_app(make_app):
+    app = make_app(
+        RATELIMIT_ENABLED=True, RATELIMIT_REGISTER="2 per minute", RATELIMIT_DEFAULT="5 per minute"
     )
     migrate(app)
     return app

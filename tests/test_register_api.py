@@ -15,7 +15,6 @@ import sqlalchemy as sa
 
 from clerk_standin import DEFAULT_SECRET_KEY
 from iris.extensions import db
-from tests.conftest import make_test_app
 from tests.helpers import (
     PASSWORD,
     URL,
@@ -24,11 +23,10 @@ from tests.helpers import (
     clerk_posts,
     clerk_users,
     expire_leases,
+    migrate,
     password_works,
     rows,
 )
-
-__all__ = ["PASSWORD", "URL", "assert_error", "clerk_users", "rows"]  # still imported from here elsewhere
 
 
 def test_register_creates_the_clerk_user_and_the_row_pointing_at_each_other(app, client, standin):
@@ -297,20 +295,16 @@ def test_clerk_creating_the_user_and_losing_the_answer_completes_the_registratio
     assert "DELETE /v1/users/<user_id>" not in standin.control.stats()["requests"]
 
 
-def test_wrong_clerk_secret_key_is_502(schema, standin):
-    app = make_test_app(schema, CLERK_SECRET_KEY="sk_test_wrong")
-    from tests.conftest import migrate
-
+def test_wrong_clerk_secret_key_is_502(make_app, standin):
+    app = make_app(CLERK_SECRET_KEY="sk_test_wrong")
     migrate(app)
     response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 502, "auth_provider_error")
     assert_nothing_left(app, standin)
 
 
-def test_clerk_unreachable_is_503(schema):
-    app = make_test_app(schema, CLERK_API_URL="http://127.0.0.1:1")
-    from tests.conftest import migrate
-
+def test_clerk_unreachable_is_503(make_app):
+    app = make_app(CLERK_API_URL="http://127.0.0.1:1")
     migrate(app)
     response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert_error(response, 503, "auth_provider_unavailable")
@@ -318,8 +312,8 @@ def test_clerk_unreachable_is_503(schema):
     assert [row.clerk_user_id for row in rows(app)] == [None]
 
 
-def test_database_down_is_503_and_clerk_is_never_called(schema, standin):
-    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/x")
+def test_database_down_is_503_and_clerk_is_never_called(make_app, standin):
+    app = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/x")
     response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
     error = assert_error(response, 503, "database_unavailable")
     assert response.headers["Retry-After"] == "5"

@@ -21,8 +21,18 @@ from werkzeug.serving import make_server
 
 from iris import registration
 from iris.extensions import db
-from tests.conftest import TEST_DATABASE_URL, make_test_app, migrate
-from tests.helpers import PASSWORD, URL, assert_error, clerk_users, expire_leases, rows, wait_for
+from tests.helpers import (
+    FAILING_TRIGGER,
+    PASSWORD,
+    TEST_DATABASE_URL,
+    URL,
+    assert_error,
+    clerk_users,
+    expire_leases,
+    migrate,
+    rows,
+    wait_for,
+)
 from tests.tcpproxy import TCPProxy
 
 
@@ -68,14 +78,6 @@ def test_the_password_is_found_nowhere(app, client, standin, schema, caplog):
         assert short_secret not in text
 
 
-FAILING_TRIGGER = """
-CREATE FUNCTION fail_completion() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN RAISE EXCEPTION 'disk full (simulated)'; END; $$;
-CREATE TRIGGER fail_completion BEFORE UPDATE OF clerk_user_id ON users
-    FOR EACH ROW WHEN (NEW.email = 'fails@b.example') EXECUTE FUNCTION fail_completion();
-"""
-
-
 def test_local_write_failing_after_clerk_created_the_user_deletes_the_clerk_user(app, client, standin):
     """Nothing on failure: the database refuses the completing write; Clerk's user is deleted again."""
     with app.app_context():
@@ -89,11 +91,11 @@ def test_local_write_failing_after_clerk_created_the_user_deletes_the_clerk_user
     assert rows(app) == []
 
 
-def test_database_lost_during_the_clerk_call_undoes_clerk_and_reconcile_cleans_up(schema, standin):
+def test_database_lost_during_the_clerk_call_undoes_clerk_and_reconcile_cleans_up(make_app, standin):
     """Nothing on failure, and No stuck email: the link to PostgreSQL is cut while Clerk creates the user."""
     proxy = TCPProxy(("127.0.0.1", _libpq_port()))
     proxied = sa.make_url(TEST_DATABASE_URL).set(host="127.0.0.1", port=proxy.port)
-    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI=proxied.render_as_string(hide_password=False))
+    app = make_app(SQLALCHEMY_DATABASE_URI=proxied.render_as_string(hide_password=False))
     migrate(app)
     standin.control.add_fault(method="POST", path="/v1/users", latency_ms=500, times=1)
     outcome = {}
@@ -123,10 +125,10 @@ def test_database_lost_during_the_clerk_call_undoes_clerk_and_reconcile_cleans_u
 
 CRASHING_REGISTRATION = """
 import sys
-from tests.conftest import make_test_app
+from tests.helpers import make_test_app
 from iris import registration
 schema, standin_url = sys.argv[1:3]
-app = make_test_app(schema, CLERK_API_URL=standin_url, CLERK_TIMEOUT=(1, 60))
+app = make_test_app(schema, standin_url, CLERK_TIMEOUT=(1, 60))
 with app.app_context():
     registration.register("crash@b.example", "correct horse battery staple")
 """
@@ -190,10 +192,10 @@ def test_reconcile_leaves_fresh_registrations_alone(app, runner, standin, schema
     assert [row.clerk_user_id for row in rows(app)] == [None]
 
 
-def test_reconcile_exits_non_zero_when_clerk_is_unreachable(app, schema, standin):
+def test_reconcile_exits_non_zero_when_clerk_is_unreachable(app, make_app, schema, standin):
     crash_mid_registration(schema, standin)
     expire_leases(app)
-    app = make_test_app(schema, CLERK_API_URL="http://127.0.0.1:1")
+    app = make_app(CLERK_API_URL="http://127.0.0.1:1")
     result = app.test_cli_runner().invoke(args=["iris", "reconcile"])
     assert result.exit_code == 1
     assert "failed 1" in result.output
@@ -281,22 +283,22 @@ def _libpq_port() -> int:
     return sa.make_url(TEST_DATABASE_URL).port or 5432
 
 
-def proxied_app(schema):
+def proxied_app(make_app):
     """An app whose database link runs through a TCPProxy the test can cut."""
     proxy = TCPProxy(("127.0.0.1", _libpq_port()))
     proxied = sa.make_url(TEST_DATABASE_URL).set(host="127.0.0.1", port=proxy.port)
-    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI=proxied.render_as_string(hide_password=False))
+    app = make_app(SQLALCHEMY_DATABASE_URI=proxied.render_as_string(hide_password=False))
     migrate(app)
     return app, proxy
 
 
 @pytest.mark.parametrize("moment", ["before_commit", "after_commit"])
-def test_database_lost_around_the_completing_commit_keeps_one_consistent_account(schema, standin, moment):
+def test_database_lost_around_the_completing_commit_keeps_one_consistent_account(make_app, standin, moment):
     """Nothing on failure, its one ambiguous case: the link dies as the completing COMMIT goes out (it may or
     may not land) or right after it landed. The Clerk user must stay, and the account ends up consistent."""
     from flask_sqlalchemy.session import Session
 
-    app, proxy = proxied_app(schema)
+    app, proxy = proxied_app(make_app)
     commits = []
 
     def cut_at_the_completion(session):
@@ -328,9 +330,9 @@ def test_database_lost_around_the_completing_commit_keeps_one_consistent_account
     proxy.close()
 
 
-def test_a_connection_lost_after_the_view_answered_does_not_become_a_bare_500(schema, standin):
+def test_a_connection_lost_after_the_view_answered_does_not_become_a_bare_500(make_app, standin):
     """The teardown ROLLBACK on a dead connection must not escape: the 201 already happened."""
-    app, proxy = proxied_app(schema)
+    app, proxy = proxied_app(make_app)
     app.after_request(lambda response: (proxy.cut(), response)[1])
     response = app.test_client().post(URL, json={"email": "a@b.example", "password": PASSWORD})
     assert response.status_code == 201

@@ -12,17 +12,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import requests
 from werkzeug.serving import make_server
 
 from iris import registration
-from tests.conftest import make_test_app, migrate
 from tests.helpers import (
     PASSWORD,
     URL,
     assert_error,
     clerk_users,
     expire_leases,
+    migrate,
     password_works,
     rows,
     wait_for,
@@ -90,11 +91,12 @@ def assert_one_account(app, standin, password: str) -> tuple[str, dict]:
     return str(row.id), clerk_user
 
 
-def test_a_create_that_lands_after_iris_gave_up_ends_in_one_account(schema, standin):
+@pytest.mark.slow  # waits for a create that lands 2.5 s late and a 3 s lease to run out
+def test_a_create_that_lands_after_iris_gave_up_ends_in_one_account(make_app, standin):
     """Clerk stores the user 2.5 s after the request, well after Iris's 1.5 s read timeout. A client that
     retries as Retry-After says ends with one Clerk user, one row, and the password of the attempt that got
     the 201."""
-    app = make_test_app(schema, IRIS_PENDING_TIMEOUT_SECONDS=3)
+    app = make_app(IRIS_PENDING_TIMEOUT_SECONDS=3)
     migrate(app)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -195,11 +197,11 @@ def test_a_next_attempt_holding_a_row_makes_reconcile_skip_it(app, standin):
     assert clerk_user["id"] != old_user["id"]
 
 
-def test_a_settler_taking_over_a_slow_registration_never_deletes_its_clerk_user(schema, standin):
+def test_a_settler_taking_over_a_slow_registration_never_deletes_its_clerk_user(make_app, standin):
     """The original request outlives its lease (its create is slow); reconcile claims the row. When the create
     answers, the original finds the row no longer its own and leaves the Clerk user alone; reconcile completes
     the row with it. No live row ever points at a deleted Clerk user."""
-    patient = make_test_app(schema, CLERK_TIMEOUT=(1.0, 30.0))
+    patient = make_app(CLERK_TIMEOUT=(1.0, 30.0))
     migrate(patient)
     create = standin.control.add_fault(method="POST", path="/v1/users", action="hold", times=1)
     original = Background(lambda: register(patient))

@@ -21,6 +21,9 @@ from tests.browsers import BrowserSite, accounts, browser_site, screenshot
 from tests.helpers import PASSWORD, clerk_users
 from tests.servers import migrated_schema
 
+# Starts gunicorn, nginx and Chromium: seconds before the first test.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def web(admin_engine, standin_server, tmp_path_factory) -> Iterator[BrowserSite]:

@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import make_test_app, migrate
-from tests.helpers import PASSWORD, clerk_users, rows
+from tests.helpers import PASSWORD, clerk_users, migrate, rows
 
 EMAIL = "owner@bistro.example"
 
@@ -132,16 +131,16 @@ def test_clerk_down_gives_a_friendly_503_page(app, client, standin):
     assert rows(app) == []
 
 
-def test_database_down_gives_a_friendly_503_page(schema):
-    app = make_test_app(schema, SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/x")
+def test_database_down_gives_a_friendly_503_page(make_app):
+    app = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://postgres@127.0.0.1:1/x")
     response = signup(app.test_client())
     assert response.status_code == 503
     assert "temporarily unavailable" in response.get_data(as_text=True)
 
 
 @pytest.fixture
-def csrf_app(schema):
-    app = make_test_app(schema, WTF_CSRF_ENABLED=True)
+def csrf_app(make_app):
+    app = make_app(WTF_CSRF_ENABLED=True)
     migrate(app)
     return app
 
@@ -192,8 +191,8 @@ def test_the_session_cookie_is_secure_everywhere_but_the_development_server(
     assert create_app().config["SESSION_COOKIE_SECURE"] is secure
 
 
-def test_a_role_choice_appears_only_with_several_signup_roles_and_admin_is_still_refused(schema, standin):
-    app = make_test_app(schema, IRIS_SIGNUP_ROLES=["restaurant", "admin"])
+def test_a_role_choice_appears_only_with_several_signup_roles_and_admin_is_still_refused(make_app, standin):
+    app = make_app(IRIS_SIGNUP_ROLES=["restaurant", "admin"])
     migrate(app)
     client = app.test_client()
     page = client.get("/signup").get_data(as_text=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -25,10 +25,8 @@ from flask import Blueprint, Flask
 from iris import registration as registration_module
 from iris.config import STATEMENT_TIMEOUT_OPTION
 from iris.extensions import db
-from tests.conftest import TEST_DATABASE_URL, make_test_app, migrate
 from tests.drill_support import PgBouncer, libpq_url, scratch_database, wait_until
-from tests.test_auth import ME, PASSWORD, bearer, session_token
-from tests.test_drills import close_app
+from tests.helpers import ME, PASSWORD, TEST_DATABASE_URL, bearer, dispose, migrate, session_token
 
 TIMEOUT_MS = 300
 LOCKER_GIVES_UP_AFTER = "20s"
@@ -48,8 +46,8 @@ def sleep():
     return {"slept": True}
 
 
-def bounded_app(schema: str, **overrides) -> Flask:
-    app = make_test_app(schema, IRIS_DB_STATEMENT_TIMEOUT_MS=TIMEOUT_MS, **overrides)
+def bounded_app(make_app: Callable[..., Flask], **overrides) -> Flask:
+    app = make_app(IRIS_DB_STATEMENT_TIMEOUT_MS=TIMEOUT_MS, **overrides)
     app.register_blueprint(probe)
     return app
 
@@ -109,8 +107,8 @@ def clerk_creates(standin) -> int:
 # ---- directly against PostgreSQL
 
 
-def test_a_registration_blocked_by_a_lock_answers_503_and_leaves_nothing(schema, standin, caplog):
-    app = bounded_app(schema)
+def test_a_registration_blocked_by_a_lock_answers_503_and_leaves_nothing(make_app, schema, standin, caplog):
+    app = bounded_app(make_app)
     migrate(app)
     client = app.test_client()
     caplog.set_level(logging.WARNING)
@@ -126,10 +124,12 @@ def test_a_registration_blocked_by_a_lock_answers_503_and_leaves_nothing(schema,
     assert again.status_code == 201, again.get_data(as_text=True)
 
 
-def test_a_registration_whose_completion_is_blocked_answers_503_and_is_settled(schema, standin, caplog):
+def test_a_registration_whose_completion_is_blocked_answers_503_and_is_settled(
+    make_app, schema, standin, caplog
+):
     """The lock arrives while Clerk is creating the user (the app holds no connection then), so the completing
     UPDATE is the statement cancelled. 503, and once settled neither a row nor a Clerk user is left."""
-    app = bounded_app(schema)
+    app = bounded_app(make_app)
     migrate(app)
     standin.control.add_fault(method="POST", path="/v1/users", latency_ms=1000, times=1)
     answers = []
@@ -155,8 +155,8 @@ def test_a_registration_whose_completion_is_blocked_answers_503_and_is_settled(s
     assert standin.app.users == {}
 
 
-def test_a_signed_in_read_blocked_by_a_lock_answers_503(schema, standin, caplog):
-    app = bounded_app(schema)
+def test_a_signed_in_read_blocked_by_a_lock_answers_503(make_app, schema, standin, caplog):
+    app = bounded_app(make_app)
     migrate(app)
     client = app.test_client()
     created = client.post(REGISTER, json={"email": "reader@bistro.example", "password": PASSWORD})
@@ -171,8 +171,8 @@ def test_a_signed_in_read_blocked_by_a_lock_answers_503(schema, standin, caplog)
     assert client.get(ME, headers=bearer(token)).status_code == 200
 
 
-def test_a_slow_statement_is_cancelled_and_answers_503(schema, caplog):
-    app = bounded_app(schema)
+def test_a_slow_statement_is_cancelled_and_answers_503(make_app, caplog):
+    app = bounded_app(make_app)
     caplog.set_level(logging.WARNING)
     response = app.test_client().get(SLEEP)
     assert_database_unavailable(response)
@@ -186,8 +186,8 @@ def test_a_slow_statement_is_cancelled_and_answers_503(schema, caplog):
     assert raised.value.orig.sqlstate == "57014"
 
 
-def test_the_bound_is_set_local_in_one_statement_and_ends_with_the_transaction(schema):
-    app = bounded_app(schema)
+def test_the_bound_is_set_local_in_one_statement_and_ends_with_the_transaction(make_app):
+    app = bounded_app(make_app)
     statements: list[str] = []
     with app.app_context(), db.engine.connect() as connection:
         sa.event.listen(connection, "before_cursor_execute", lambda *args: statements.append(args[2]))
@@ -209,11 +209,9 @@ def test_the_bound_is_set_local_in_one_statement_and_ends_with_the_transaction(s
     assert "set_config('lock_timeout'" in statements[0]
 
 
-def test_sqlite_gets_no_bound(tmp_path):
+def test_sqlite_gets_no_bound(make_app, tmp_path):
     """Development's SQLite has no set_config: its transactions are left alone."""
-    app = make_test_app(
-        "unused", SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/dev.db", SQLALCHEMY_ENGINE_OPTIONS={}
-    )
+    app = make_app(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/dev.db", SQLALCHEMY_ENGINE_OPTIONS={})
     with app.app_context():
         assert STATEMENT_TIMEOUT_OPTION not in db.engine.get_execution_options()
         assert db.session.scalar(sa.text("SELECT 1")) == 1
@@ -221,9 +219,9 @@ def test_sqlite_gets_no_bound(tmp_path):
         db.engine.dispose()
 
 
-def test_migrations_are_not_bounded(schema):
+def test_migrations_are_not_bounded(make_app, schema):
     """A migration waiting for a lock far longer than the bound still completes once it gets the lock."""
-    app = bounded_app(schema)
+    app = bounded_app(make_app)
     migrate(app)
     failures: list[BaseException] = []
 
@@ -262,20 +260,20 @@ def test_migrations_are_not_bounded(schema):
 # ---- through PgBouncer in transaction mode
 
 
-def test_the_bound_works_through_pgbouncer_in_transaction_mode(admin_engine, standin, caplog):
+def test_the_bound_works_through_pgbouncer_in_transaction_mode(admin_engine, make_app, standin, caplog):
     """Through a real PgBouncer (one server connection, so every client shares it): a startup ``options``
     parameter is refused, the per-transaction bound cancels a blocked registration and a slow statement, and
     it does not outlive its transaction on the shared server connection (where a session SET would)."""
     with scratch_database(admin_engine) as direct:
         bouncer = PgBouncer(direct, direct.database, pool_size=1)  # skips/fails here without pgbouncer
-        # Migrations go straight to PostgreSQL, as they go over Neon's direct URL.
-        migrator = make_test_app(
-            "public",
+        # Migrations go straight to PostgreSQL, as they go over Neon's direct URL. No per-test search_path
+        # (SQLALCHEMY_ENGINE_OPTIONS is replaced): the scratch database's public schema, as in production.
+        migrator = make_app(
             SQLALCHEMY_DATABASE_URI=direct.render_as_string(hide_password=False),
             SQLALCHEMY_ENGINE_OPTIONS={},
         )
         migrate(migrator)
-        close_app(migrator)
+        dispose(migrator)
         with bouncer:
             pooled = bouncer.url(direct)
 
@@ -284,7 +282,7 @@ def test_the_bound_works_through_pgbouncer_in_transaction_mode(admin_engine, sta
                 psycopg.connect(libpq_url(pooled), options=f"-c statement_timeout={TIMEOUT_MS}").close()
 
             app = bounded_app(
-                "public",
+                make_app,
                 SQLALCHEMY_DATABASE_URI=pooled.render_as_string(hide_password=False),
                 SQLALCHEMY_ENGINE_OPTIONS={},
             )
@@ -321,4 +319,4 @@ def test_the_bound_works_through_pgbouncer_in_transaction_mode(admin_engine, sta
                     leaker.execute("SET statement_timeout = '1234ms'")
                 assert other.execute("SHOW statement_timeout").fetchone() == ("1234ms",)
                 other.execute("RESET statement_timeout")
-            close_app(app)
+            dispose(app)

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from iris.extensions import db
 from iris.models import User, local_isoformat
-from tests.test_auth import ME, app_with, bearer, register, session_token
+from tests.helpers import ME, app_with, bearer, register, session_token
 
 STOCKHOLM, NEW_YORK = "Europe/Stockholm", "America/New_York"
 
@@ -18,7 +18,7 @@ def utc(year: int, month: int, day: int, hour: int) -> datetime:
 
 # Daylight-saving changes: (zone, the instant of the change, the last microsecond before it and the change
 # itself as rendered in that zone). Written out by hand, not computed with zoneinfo.
-CHANGES = [
+CHANGES = (
     # Stockholm leaves winter time at 01:00 UTC on the last Sunday of March ...
     (STOCKHOLM, utc(2026, 3, 29, 1), "2026-03-29T01:59:59.999999+01:00", "2026-03-29T03:00:00+02:00"),
     (STOCKHOLM, utc(2027, 3, 28, 1), "2027-03-28T01:59:59.999999+01:00", "2027-03-28T03:00:00+02:00"),
@@ -28,8 +28,8 @@ CHANGES = [
     # New York changes at 02:00 local time: the second Sunday of March, the first Sunday of November.
     (NEW_YORK, utc(2027, 3, 14, 7), "2027-03-14T01:59:59.999999-05:00", "2027-03-14T03:00:00-04:00"),
     (NEW_YORK, utc(2027, 11, 7, 6), "2027-11-07T01:59:59.999999-04:00", "2027-11-07T01:00:00-05:00"),
-]
-CHANGE_IDS = [f"{zone}-{change:%Y-%m-%d}" for zone, change, _, _ in CHANGES]
+)
+CHANGE_IDS = tuple(f"{zone}-{change:%Y-%m-%d}" for zone, change, _, _ in CHANGES)
 JUST_BEFORE = timedelta(microseconds=1)
 
 
@@ -53,10 +53,10 @@ def test_offsets_on_both_sides_of_each_dst_change(zone, change, before, after):
 
 @pytest.mark.parametrize(("zone", "change", "before", "after"), CHANGES, ids=CHANGE_IDS)
 def test_users_me_renders_a_rows_timestamps_on_both_sides_of_each_dst_change(
-    schema, standin, zone, change, before, after
+    make_app, standin, zone, change, before, after
 ):
     """A real row, its created_at just before the change and its updated_at at it, read over the API."""
-    with app_with(schema, IRIS_TIMEZONE=zone) as app:
+    with app_with(make_app, IRIS_TIMEZONE=zone) as app:
         client = app.test_client()
         user = register(client)
         set_timestamps(app, created_at=change - JUST_BEFORE, updated_at=change)

@@ -13,15 +13,7 @@ import requests
 import sqlalchemy as sa
 
 from iris.extensions import db
-from tests.test_auth import (
-    BAPI_HEADERS,
-    ME,
-    PASSWORD,
-    assert_unauthorized,
-    bearer,
-    register,
-    session_token,
-)
+from tests.helpers import BAPI_HEADERS, ME, PASSWORD, assert_unauthorized, bearer, register, session_token
 
 
 def execute(app, sql: str, **params) -> None:
