@@ -8,35 +8,47 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when a requirements file changes.
-$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	touch $@
+# Two installs, each redone only when its requirements change: `run` needs only requirements.txt; `test`,
+# `lint` and `format` need the test tools of requirements-dev.txt too (Playwright, schemathesis, ruff, ...).
+# pip shows its progress rather than a silent terminal: a first install takes a while on a slow network.
+PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check --progress-bar on
+
+$(VENV)/.installed-run: requirements.txt | $(BIN)/python
+	@echo "Installing runtime dependencies into $(VENV) (first run only, under a minute on a good network)..."
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PIP_INSTALL) -r requirements.txt
+	@touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	@echo "Installing runtime and test dependencies into $(VENV) (first time only, a minute or two)..."
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PIP_INSTALL) -r requirements-dev.txt
+	@touch $@
+
+# Options of the local Clerk stand-in under `make run` (python -m clerk_standin --help); scripts/dev.py adds
+# the host and port. RUN_ARGS goes to scripts/dev.py itself, e.g. RUN_ARGS="--port 5050 --standin-port 5051".
+STANDIN_ARGS := --key-file instance/clerk-standin-key.pem
+RUN_ARGS :=
 
 ## run: serve on http://127.0.0.1:5000 (development defaults unless .env says otherwise), with the
-## local Clerk stand-in on http://127.0.0.1:5001 (stopped again when the app stops)
-run: $(VENV)/.installed
-	FLASK_DEBUG=1 $(BIN)/flask db upgrade
-	$(BIN)/python -m clerk_standin --host 127.0.0.1 --port 5001 \
-		--key-file instance/clerk-standin-key.pem & standin=$$!; \
-	trap 'kill $$standin 2>/dev/null' EXIT INT TERM; \
-	FLASK_DEBUG=1 $(BIN)/flask run --host 127.0.0.1 --port 5000
+## local Clerk stand-in on http://127.0.0.1:5001; Ctrl-C or TERM stops both (scripts/dev.py)
+run: $(VENV)/.installed-run
+	@$(BIN)/python scripts/dev.py $(RUN_ARGS) -- $(STANDIN_ARGS)
 
 ## test: the whole suite against real PostgreSQL (TEST_DATABASE_URL overrides 127.0.0.1:5432)
-test: $(VENV)/.installed
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
 ## test-fast: the suite without the tests marked slow (drills, schemathesis, real servers), while working
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m "not slow"
 
 ## lint: ruff lint and format check, as CI runs them
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(VENV)/.installed
+format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 

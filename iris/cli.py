@@ -1,10 +1,17 @@
-"""Command-line tools: ``flask iris ...``."""
+"""Command-line tools: ``flask iris ...``.
+
+Every command's expected failures (Clerk or the database unreachable, a refusal, bad input) end it with one
+line on stderr, ``Error: ...``, and exit status 1. An unexpected error is one line too, naming its type;
+``flask iris --verbose COMMAND`` shows its traceback instead.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import click
 import sqlalchemy as sa
@@ -14,17 +21,49 @@ from flask.cli import AppGroup
 from iris import clerk, registration
 from iris.config import database_uri, direct_engine
 from iris.errors import (
+    DATABASE_UNREACHABLE,
     AuthProviderError,
     AuthProviderUnavailable,
     ClerkRefused,
+    DatabaseUnavailable,
     IrisError,
     NotFoundAtClerk,
     RateLimited,
+    database_failure,
 )
 from iris.extensions import db
-from iris.models import normalise_email
+from iris.models import ROLES, User, normalise_email
 
-iris_cli = AppGroup("iris", help="Iris operations.")
+
+class IrisGroup(AppGroup):
+    """The ``iris`` group: turns what its commands raise into one ``Error:`` line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: it prints them
+        except DatabaseUnavailable as error:
+            _fail(f"database {database_failure(error.__cause__)}; try again later.")
+        except DATABASE_UNREACHABLE as error:
+            _fail(f"database {database_failure(error)}; try again later.")
+        except IrisError as error:
+            _fail(error.message)
+        except Exception as error:
+            if ctx.params.get("verbose"):
+                raise
+            # Only the type: an unexpected error's text may hold a connection string or a key.
+            command = ctx.invoked_subcommand or "COMMAND"
+            _fail(
+                f"unexpected {type(error).__name__} in `flask iris {command}`;"
+                f" `flask iris --verbose {command} ...` shows the traceback."
+            )
+
+
+@click.group("iris", cls=IrisGroup)
+@click.option("--verbose", is_flag=True, help="Show the traceback of an unexpected error.")
+def iris_cli(verbose: bool) -> None:
+    """Iris operations. Failures print one line, Error: ..., and exit with status 1."""
 
 
 @iris_cli.command("reconcile")
@@ -57,6 +96,59 @@ def token_command(email: str) -> None:
     except IrisError as error:
         _fail(f"Clerk could not be asked for a token: {error.message}")
     click.echo(token)
+
+
+@iris_cli.command("users")
+@click.option("--email", "email_part", metavar="TEXT", help="Only emails containing TEXT (any case).")
+@click.option("--role", type=click.Choice(ROLES), help="Only accounts with this role.")
+@click.option(
+    "--deleted", "which", flag_value="deleted", help="Only deleted accounts (by default: live ones only)."
+)
+@click.option("--all", "which", flag_value="all", help="Live and deleted accounts.")
+def users_command(email_part: str | None, role: str | None, which: str | None) -> None:
+    """List accounts, newest first: email, role, status, created, deleted, and a count.
+
+    Status is "active" (a complete account), "pending" (a registration still in flight or unsettled: it has
+    no Clerk user yet, see `flask iris reconcile`) or "deleted". Whether the owner confirmed the email address
+    is not shown: Iris does not verify email addresses yet. Times are in IRIS_TIMEZONE. Reads only.
+    """
+    query = sa.select(User).order_by(User.created_at.desc(), User.email)
+    if which in ("deleted", "all"):
+        query = query.execution_options(include_deleted=True)
+    if which == "deleted":
+        query = query.where(User.deleted_at.is_not(None))
+    if email_part:
+        query = query.where(User.email.contains(normalise_email(email_part), autoescape=True))
+    if role:
+        query = query.where(User.role == role)
+    users = db.session.execute(query).scalars().all()
+    db.session.rollback()
+    zone = current_app.config["IRIS_TIMEZONE"]
+    header = ("email", "role", "status", f"created ({zone})", "deleted")
+    table = [
+        (user.email, user.role, _status(user), _local(user.created_at, zone), _local(user.deleted_at, zone))
+        for user in users
+    ]
+    if table:
+        widths = [max(len(row[column]) for row in [header, *table]) for column in range(len(header))]
+        for row in [header, *table]:
+            click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    click.echo(f"{len(table)} account{'' if len(table) == 1 else 's'}")
+
+
+def _status(user: User) -> str:
+    if user.deleted_at is not None:
+        return "deleted"
+    return "active" if user.clerk_user_id else "pending"
+
+
+def _local(moment: datetime | None, zone: str) -> str:
+    """``YYYY-MM-DD HH:MM`` in ``zone``, or ``-``. A naive value (SQLite returns those) is UTC."""
+    if moment is None:
+        return "-"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
 
 
 def _create_session(clerk_user_id: str) -> dict:

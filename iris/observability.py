@@ -1,4 +1,9 @@
-"""Logs: one JSON line per request, and JSON application logs carrying the request id.
+"""Logs: one line per request, and application logs carrying the request id.
+
+Production (anything but development) writes JSON lines for the log collector. Development (``app.debug``,
+as ``make run`` serves) writes the same records as plain lines for a person at a terminal, e.g.
+``12:01:32 POST /api/v1/auth/register 201 12 ms``, and silences werkzeug's own request line, so each request
+appears once.
 
 What a log line may hold: method, path (never the query string), status, duration, request id, user id,
 client address, and messages written by our code. What it never holds: request or response bodies, headers,
@@ -65,8 +70,42 @@ def json_handler(stream=None) -> logging.Handler:
     return handler
 
 
+class PlainFormatter(logging.Formatter):
+    """One readable line per record, for development: ``HH:MM:SS`` then, for a request, ``METHOD path status
+    duration ms``; for anything else, the level, the logger and the message (and a traceback, if any)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        duration = getattr(record, "duration_ms", None)
+        if record.name == request_log.name and duration is not None:
+            return f"{self.formatTime(record, self.datefmt)} {record.getMessage()} {duration:.0f} ms"
+        return super().format(record)
+
+
+def plain_handler(stream=None) -> logging.Handler:
+    """A handler writing ``PlainFormatter`` lines: the development console."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(PlainFormatter())
+    handler.addFilter(RequestContextFilter())
+    return handler
+
+
+# The format of werkzeug's own per-request line (WSGIRequestHandler.log_request): in development our
+# iris.request line says the same, so werkzeug's is dropped.
+WERKZEUG_REQUEST_FORMAT = '"%s" %s %s'
+
+
+def drop_werkzeug_request_lines(record: logging.LogRecord) -> bool:
+    """A logging filter: False for werkzeug's per-request line, True for everything else it logs (its
+    start-up notices, the debugger PIN, reloads, errors)."""
+    return not (isinstance(record.msg, str) and record.msg.endswith(WERKZEUG_REQUEST_FORMAT))
+
+
 def configure_logging(app: Flask) -> None:
-    """Send the app's logs as JSON lines to stderr (gunicorn passes them on), once per process.
+    """Send the app's logs to stderr (gunicorn passes them on), once per process: JSON lines, or plain lines
+    in development (``app.debug``), where werkzeug's duplicate request line is dropped.
 
     Left alone in tests (pytest captures records itself) and when something else already configured the
     root logger.
@@ -74,7 +113,11 @@ def configure_logging(app: Flask) -> None:
     root = logging.getLogger()
     if app.testing or root.handlers:
         return
-    root.addHandler(json_handler())
+    if app.debug:
+        root.addHandler(plain_handler())
+        logging.getLogger("werkzeug").addFilter(drop_werkzeug_request_lines)
+    else:
+        root.addHandler(json_handler())
     root.setLevel(logging.INFO)
 
 
@@ -105,7 +148,7 @@ def log_request(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Log as JSON; give every request an id first, and put it on every response last."""
+    """Configure the logs; give every request an id first, and put it on every response last."""
     configure_logging(app)
     app.before_request(assign_request_id)
     app.before_request(start_timer)

@@ -52,8 +52,12 @@ def signup():
 
 @bp.get("/signup/done")
 def signup_done():
-    """What happens next. Shows the new account's email once (taken from the session)."""
-    return render_template("signup_done.html", email=session.pop("signed_up_email", None))
+    """What happens next, once, right after the sign-up form created an account (its email is in the
+    session). Opened any other way, nothing was just created here: it redirects to the sign-up form."""
+    email = session.pop("signed_up_email", None)
+    if email is None:
+        return redirect(url_for("web.signup"))
+    return render_template("signup_done.html", email=email)
 
 
 @bp.get("/account")
