@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast lint format clean
+.PHONY: run test test-fast lint format clean reset
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,9 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 
 # Options of the local Clerk stand-in under `make run` (python -m clerk_standin --help); scripts/dev.py adds
 # the host and port. RUN_ARGS goes to scripts/dev.py itself, e.g. RUN_ARGS="--port 5050 --standin-port 5051".
-STANDIN_ARGS := --key-file instance/clerk-standin-key.pem
+# The stand-in keeps its users and sessions in a state file next to its key, as the app keeps its accounts
+# in instance/iris.sqlite3: a restart keeps the two sides of every registration together.
+STANDIN_ARGS := --key-file instance/clerk-standin-key.pem --state-file instance/clerk-standin-state.json
 RUN_ARGS :=
 
 ## run: serve on http://127.0.0.1:5000 (development defaults unless .env says otherwise), with the
@@ -51,6 +53,15 @@ lint: $(VENV)/.installed-dev
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## reset: start `make run` afresh (stop it first): removes the development database and the stand-in's
+## users, sessions and signing key, so every cookie or token made before no longer verifies
+DEV_STATE := instance/iris.sqlite3 instance/iris.sqlite3-journal instance/iris.sqlite3-wal \
+	instance/iris.sqlite3-shm instance/clerk-standin-state.json instance/clerk-standin-key.pem
+reset:
+	@removed=0; for file in $(DEV_STATE); do \
+		if [ -e "$$file" ]; then rm -f "$$file" && echo "removed $$file" && removed=1; fi; \
+	done; [ $$removed = 1 ] || echo "nothing to remove: instance/ holds no development state"
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

@@ -10,7 +10,9 @@ define it:
   ``POST /v1/users/{id}/verify_password``;
 - ``POST /v1/sessions`` and ``POST /v1/sessions/{id}/tokens`` (RS256 session tokens with
   Clerk's v2 claims and header);
-- ``GET /v1/jwks``.
+- ``GET /v1/jwks``;
+- and, for a browser, ``/sign-in`` and ``/sign-out``: development's stand-in for Clerk's Account
+  Portal, setting and expiring the ``__session`` cookie for the app's host (``clerk_standin.pages``).
 
 Guarantees:
 
@@ -19,26 +21,30 @@ Guarantees:
   ``{"errors": [{"message", "long_message", "code", "meta"?}], "clerk_trace_id"}``.
 - Every ``/v1`` response carries ``Clerk-Api-Version``, echoing the request's
   ``Clerk-API-Version`` header (default ``2021-02-05``).
-- Passwords are validated and kept only as a salted digest in memory, for
-  ``POST /v1/users/{id}/verify_password``: never stored in clear, echoed or logged.
+- Passwords are validated and kept only as a salted digest, for
+  ``POST /v1/users/{id}/verify_password`` and the sign-in page: never stored in clear, echoed or logged.
   Request bodies are never logged.
-- State is in memory and guarded by locks; list ordering is stable for equal timestamps.
+- State is in memory and guarded by locks; list ordering is stable for equal timestamps. With a state file
+  (``--state-file``) users, password digests and sessions also survive a restart (``clerk_standin.state``).
 
 A control API under ``/__standin`` (no auth) lets tests inject latency (a create delayed past the
 caller's timeout is stored all the same), error statuses, hangs, dropped connections, garbage
 bodies, "commit then fail" answers and requests held until a test releases them, read request and
-connection counts, rotate the signing key and sign arbitrary tokens. See ``docs/clerk-standin.md``.
+connection counts, rotate the signing key, sign arbitrary tokens and mark sessions pending. See
+``docs/clerk-standin.md``.
 
 The modules, one job each:
 
 - ``wire``: ids, timestamps, Clerk's error envelope and error entries, the password policy;
 - ``keys``: RSA signing keys, their ``kid`` and JWK, the key file;
+- ``state``: the state file (users, password digests, sessions), written atomically;
+- ``pages``: the sign-in and sign-out pages' HTML, messages, redirect check and cookie;
 - ``faults``: fault parsing, the faults in force, held requests, the faulty answers;
 - ``app``: ``ClerkStandin``, the WSGI app (the ``/v1`` routes, the control API, the state);
 - ``server``: werkzeug's threaded server with working HTTP/1.1 keep-alive (``serve()``,
   ``make_server()``, ``StandinServer`` for tests) and ``StandinControl``, the control-API client;
 - ``__main__``: the CLI, ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
-  [--key-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``.
+  [--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``.
 
 Users import from the package: ``from clerk_standin import StandinServer``.
 """
@@ -53,7 +59,9 @@ from clerk_standin.app import (
 )
 from clerk_standin.faults import Fault, parse_fault
 from clerk_standin.keys import SigningKey, load_or_create_private_key
+from clerk_standin.pages import SIGN_IN_TOKEN_LIFETIME
 from clerk_standin.server import StandinControl, StandinServer, make_server, serve
+from clerk_standin.state import StateFileError
 from clerk_standin.wire import (
     BREACHED_PASSWORDS,
     DEFAULT_API_VERSION,
@@ -72,12 +80,14 @@ __all__ = [
     "DEFAULT_TOKEN_LIFETIME",
     "MIN_PASSWORD_LENGTH",
     "SESSION_TOKEN_CATEGORY",
+    "SIGN_IN_TOKEN_LIFETIME",
     "ClerkAPIError",
     "ClerkStandin",
     "Fault",
     "SigningKey",
     "StandinControl",
     "StandinServer",
+    "StateFileError",
     "load_or_create_private_key",
     "make_server",
     "parse_fault",

@@ -1,5 +1,6 @@
 """The stand-in's command line: ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
-[--key-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``. Serves in the foreground until interrupted."""
+[--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``. Serves in the foreground
+until interrupted. A state file it cannot use stops it at once with one line saying so (exit status 2)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from clerk_standin.app import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, ClerkStandin
 from clerk_standin.server import serve
+from clerk_standin.state import StateFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,12 +22,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--secret-key", default=DEFAULT_SECRET_KEY)
     parser.add_argument("--key-file", default=None, help="PEM RSA private key; created when missing")
+    parser.add_argument(
+        "--state-file", default=None, help="keep users and sessions in this JSON file across restarts"
+    )
     parser.add_argument("--issuer", default=DEFAULT_ISSUER, help="iss claim of session tokens")
-    parser.add_argument("--azp", default=DEFAULT_AZP, help="azp claim of session tokens")
+    parser.add_argument(
+        "--azp",
+        default=DEFAULT_AZP,
+        help="azp claim of session tokens; the only origin /sign-in and /sign-out send people back to",
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    app = ClerkStandin(args.secret_key, key_file=args.key_file, issuer=args.issuer, azp=args.azp)
+    try:
+        app = ClerkStandin(
+            args.secret_key,
+            key_file=args.key_file,
+            issuer=args.issuer,
+            azp=args.azp,
+            state_file=args.state_file,
+        )
+    except StateFileError as error:
+        print(f"clerk stand-in cannot start: {error}", file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         serve(app, args.host, args.port, log_requests=not args.quiet)
     return 0

@@ -27,11 +27,13 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
-from flask import Flask, Response, request
+from flask import Flask, Response, redirect, request
 from werkzeug.exceptions import HTTPException
 
+from clerk_standin import pages
 from clerk_standin.faults import FaultTable, apply_fault
 from clerk_standin.keys import SigningKey, generate_private_key, load_or_create_private_key
+from clerk_standin.state import StandinState, load_state, save_state
 from clerk_standin.wire import (
     DEFAULT_API_VERSION,
     SESSION_TOKEN_CATEGORY,
@@ -60,6 +62,8 @@ DEFAULT_ISSUER = "https://standin.clerk.accounts.dev"
 DEFAULT_AZP = "http://127.0.0.1:5000"
 DEFAULT_TOKEN_LIFETIME = 60
 CONTROL_PREFIX = "/__standin"
+# The pages a browser opens (no Bearer key, HTML answers): development's stand-in for the Account Portal.
+PAGE_PATHS = ("/sign-in", "/sign-out")
 
 TOKEN_LIFETIME_RANGE = (30, 315_360_000)
 LIST_LIMIT_RANGE = (1, 500)
@@ -83,6 +87,8 @@ CREATE_USER_PARAMS = frozenset(
 )
 CREATE_SESSION_PARAMS = frozenset({"user_id", "active_organization_id"})
 CREATE_TOKEN_PARAMS = frozenset({"expires_in_seconds"})
+# Session statuses a token may be minted for, and the sts claim each gives.
+TOKEN_STATUSES = ("active", "pending")
 ORDER_FIELDS = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
@@ -95,11 +101,15 @@ class ClerkStandin:
         secret_key: the only accepted ``Authorization: Bearer`` value on ``/v1``.
         private_key: RSA signing key; ``key_file`` loads/creates one; otherwise generated.
         issuer: ``iss`` claim of minted session tokens.
-        azp: ``azp`` claim of minted session tokens.
+        azp: ``azp`` claim of minted session tokens, and the only origin the sign-in and sign-out pages
+            send people back to.
+        state_file: keep users, password digests and sessions in this file (``clerk_standin.state``): loaded
+            here (``StateFileError`` when it exists but cannot be used), rewritten after every change.
+            None (the default) keeps them in memory only.
 
     Thread-safe: all state sits behind ``self.lock``, except the faults, which sit behind their own
     (``self.faults``, a ``FaultTable``). ``reset()`` returns it to the state it had when constructed
-    (no users, sessions, faults or counts; original signing key).
+    (no users, sessions, faults or counts; original signing key), emptying the state file too.
     """
 
     def __init__(
@@ -110,6 +120,7 @@ class ClerkStandin:
         key_file: str | os.PathLike[str] | None = None,
         issuer: str = DEFAULT_ISSUER,
         azp: str = DEFAULT_AZP,
+        state_file: str | os.PathLike[str] | None = None,
     ):
         if not secret_key:
             raise ValueError("secret_key must not be empty")
@@ -132,6 +143,15 @@ class ClerkStandin:
         self.api_connections = 0
         self.api_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._seq = itertools.count()
+        self.state_file = state_file
+        # Held while a snapshot is taken and written, so the file never goes back to an older state.
+        self._save_lock = threading.Lock()
+        if state_file is not None:
+            saved = load_state(state_file)
+            if saved is not None:
+                self.users, self.password_digests = saved.users, saved.password_digests
+                self.user_seq, self.sessions = saved.user_seq, saved.sessions
+                self._seq = itertools.count(max(self.user_seq.values(), default=-1) + 1)
         self.flask_app = self._build_flask_app()
 
     # ---- state helpers
@@ -156,6 +176,36 @@ class ClerkStandin:
             self.api_connections = 0
             self.api_sockets = weakref.WeakSet()
             self.keys = [self.initial_key]
+        self._save()
+
+    def _save(self) -> None:
+        """Write users, password digests and sessions to the state file, if there is one. Call after a
+        change, without holding ``self.lock``."""
+        if self.state_file is None:
+            return
+        with self._save_lock:
+            with self.lock:
+                state = StandinState(
+                    copy.deepcopy(self.users),
+                    dict(self.password_digests),
+                    dict(self.user_seq),
+                    copy.deepcopy(self.sessions),
+                )
+            save_state(self.state_file, state)
+
+    def set_session_status(self, session_id: str, status: str) -> dict[str, Any]:
+        """Mark a session ``active`` or ``pending`` (a step Clerk requires is not done: its tokens then
+        carry ``sts: "pending"``). Returns the session; KeyError for an unknown one, ValueError for another
+        status."""
+        if status not in TOKEN_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(TOKEN_STATUSES)}")
+        with self.lock:
+            session = self.sessions[session_id]
+            session["status"] = status
+            session["updated_at"] = now_ms()
+            result = dict(session)
+        self._save()
+        return result
 
     def rotate_key(self, keep_previous: bool = False) -> SigningKey:
         """Sign with a new key from now on. The JWKS serves only the new key, or the new key
@@ -205,6 +255,8 @@ class ClerkStandin:
     # ---- WSGI entry point: control API, stats and faults around the Flask app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        """Control calls go straight to the app; everything else (``/v1`` and the pages) is counted and
+        may meet a fault."""
         path = environ.get("PATH_INFO", "") or "/"
         if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
             return self.flask_app(environ, start_response)
@@ -265,6 +317,8 @@ class ClerkStandin:
             ("/v1/sessions", "create_session", self.create_session, ["POST"]),
             ("/v1/sessions/<session_id>/tokens", "create_token", self.create_token, ["POST"]),
             ("/v1/jwks", "jwks", self.jwks, ["GET"]),
+            ("/sign-in", "sign_in", self.sign_in, ["GET", "POST"]),
+            ("/sign-out", "sign_out", self.sign_out, ["GET", "POST"]),
             (CONTROL_PREFIX + "/health", "c_health", self.c_health, ["GET"]),
             (CONTROL_PREFIX + "/faults", "c_add_fault", self.c_add_fault, ["POST"]),
             (CONTROL_PREFIX + "/faults", "c_list_faults", self.c_list_faults, ["GET"]),
@@ -287,13 +341,19 @@ class ClerkStandin:
             (CONTROL_PREFIX + "/keys/rotate", "c_rotate", self.c_rotate, ["POST"]),
             (CONTROL_PREFIX + "/sign", "c_sign", self.c_sign, ["POST"]),
             (CONTROL_PREFIX + "/public-key.pem", "c_pem", self.c_public_pem, ["GET"]),
+            (
+                CONTROL_PREFIX + "/sessions/<session_id>/status",
+                "c_session_status",
+                self.c_session_status,
+                ["POST"],
+            ),
         ]
         for rule, endpoint, view, methods in routes:
             app.add_url_rule(rule, endpoint, view, methods=methods)
         return app
 
     def _authenticate(self) -> None:
-        if _is_control(request.path):
+        if _is_control(request.path) or request.path in PAGE_PATHS:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -316,7 +376,7 @@ class ClerkStandin:
             raise ClerkAPIError(401, [clerk_error("clerk_key_invalid", message, message)])
 
     def _add_version_header(self, response: Response) -> Response:
-        if not _is_control(request.path):
+        if not _is_control(request.path) and request.path not in PAGE_PATHS:
             version = request.headers.get("Clerk-API-Version") or DEFAULT_API_VERSION
             response.headers["Clerk-Api-Version"] = version
         return response
@@ -477,6 +537,7 @@ class ClerkStandin:
             if isinstance(password, str):
                 self.password_digests[user_id] = password_digest(password)
             result = copy.deepcopy(user)
+        self._save()
         return _json_response(result)
 
     def verify_password(self, user_id: str) -> Response:
@@ -543,6 +604,7 @@ class ClerkStandin:
                     del self.sessions[session_id]
         if user is None:
             raise not_found("user", user_id)
+        self._save()
         deleted: dict[str, Any] = {"object": "user", "id": user_id, "deleted": True}
         if user["external_id"] is not None:
             deleted["external_id"] = user["external_id"]
@@ -618,6 +680,13 @@ class ClerkStandin:
         organization_id = body.get("active_organization_id")
         if organization_id is not None:
             raise not_found("organization", str(organization_id))
+        result = self._start_session(user_id)
+        if result is None:
+            raise not_found("user", user_id)
+        return _json_response(result)
+
+    def _start_session(self, user_id: str) -> dict[str, Any] | None:
+        """A new active session of ``user_id`` (saved), or None when there is no such user."""
         created = now_ms()
         session = {
             "object": "session",
@@ -635,10 +704,11 @@ class ClerkStandin:
         }
         with self.lock:
             if user_id not in self.users:
-                raise not_found("user", user_id)
+                return None
             self.sessions[session["id"]] = session
             result = dict(session)
-        return _json_response(result)
+        self._save()
+        return result
 
     def create_token(self, session_id: str) -> Response:
         body = _json_object_body()
@@ -662,8 +732,14 @@ class ClerkStandin:
         with self.lock:
             session = self.sessions.get(session_id)
             session = dict(session) if session is not None else None
-        if session is None:
+        # Only a live session gets tokens; one ended by the sign-out page is gone as far as tokens go.
+        if session is None or session["status"] not in TOKEN_STATUSES:
             raise not_found("session", session_id)
+        return _json_response({"object": "token", "jwt": self._session_token(session, lifetime)})
+
+    def _session_token(self, session: dict[str, Any], lifetime: int) -> str:
+        """A session token for ``session`` with Clerk's v2 claims, valid ``lifetime`` seconds; ``sts`` is the
+        session's status (``active`` or ``pending``)."""
         issued_at = int(time.time())
         claims = {
             "azp": self.azp,
@@ -674,11 +750,11 @@ class ClerkStandin:
             "jti": secrets.token_hex(10),
             "nbf": issued_at - 10,
             "sid": session["id"],
-            "sts": "active",
+            "sts": session["status"],
             "sub": session["user_id"],
             "v": 2,
         }
-        return _json_response({"object": "token", "jwt": self.sign(claims)})
+        return self.sign(claims)
 
     # ---- /v1/jwks
 
@@ -686,6 +762,88 @@ class ClerkStandin:
         with self.lock:
             keys = [dict(key.jwk) for key in self.keys]
         return _json_response({"keys": keys})
+
+    # ---- the sign-in and sign-out pages (development's Account Portal; see clerk_standin.pages)
+
+    def sign_in(self) -> Response:
+        """``GET /sign-in?redirect_url=``: the form. ``POST /sign-in``: email and password checked like Clerk
+        checks them (an unknown email, then a wrong password, each re-shows the form with Clerk's message,
+        422); on success a new session, its token in ``__session`` and a 303 to ``redirect_url``. A
+        ``redirect_url`` off the allowed origin (``azp``) is refused with 400; none means ``azp`` + ``/``."""
+        target = pages.allowed_redirect(request.values.get("redirect_url") or self.azp + "/", self.azp)
+        if target is None:
+            return pages.refused_redirect(self.azp)
+        if request.method == "GET":
+            return pages.sign_in_form(target)
+        email = request.form.get("email", "").strip()
+        password = request.form.get("password", "")
+        with self.lock:
+            user_id = next(
+                (
+                    user["id"]
+                    for user in self.users.values()
+                    if any(e["email_address"].lower() == email.lower() for e in user["email_addresses"])
+                ),
+                None,
+            )
+            digest = self.password_digests.get(user_id) if user_id is not None else None
+        if user_id is None:
+            return pages.sign_in_form(target, email, pages.ACCOUNT_NOT_FOUND, 422)
+        if digest is None or not check_password_digest(password, digest):
+            return pages.sign_in_form(target, email, pages.PASSWORD_INCORRECT, 422)
+        session = self._start_session(user_id)
+        if session is None:  # deleted between the check and now
+            return pages.sign_in_form(target, email, pages.ACCOUNT_NOT_FOUND, 422)
+        with self.lock:
+            user = self.users.get(user_id)
+            if user is not None:
+                user["last_sign_in_at"] = user["last_active_at"] = session["created_at"]
+        self._save()
+        response = redirect(target, 303)
+        token = self._session_token(session, pages.SIGN_IN_TOKEN_LIFETIME)
+        pages.set_session_cookie(response, token, secure=request.is_secure)
+        return response
+
+    def sign_out(self) -> Response:
+        """``GET`` or ``POST /sign-out?redirect_url=``: ends the session of the ``__session`` cookie (when it
+        is a token this stand-in signed), expires the cookie and answers 303 to ``redirect_url`` (checked as
+        for ``/sign-in``). Signing out while signed out just redirects."""
+        target = pages.allowed_redirect(request.values.get("redirect_url") or self.azp + "/", self.azp)
+        if target is None:
+            return pages.refused_redirect(self.azp)
+        session_id = self._own_session_id(request.cookies.get(pages.SESSION_COOKIE, ""))
+        ended = False
+        with self.lock:
+            session = self.sessions.get(session_id or "")
+            if session is not None and session["status"] != "ended":
+                session["status"] = "ended"
+                session["updated_at"] = now_ms()
+                ended = True
+        if ended:
+            self._save()
+        response = redirect(target, 303)
+        pages.expire_session_cookie(response, secure=request.is_secure)
+        return response
+
+    def _own_session_id(self, token: str) -> str | None:
+        """The ``sid`` of ``token`` when one of the current keys signed it (expired or not), else None: a
+        forged cookie cannot end someone else's session."""
+        with self.lock:
+            keys = {key.kid: key for key in self.keys}
+        try:
+            key = keys.get(jwt.get_unverified_header(token).get("kid"))
+            if key is None:
+                return None
+            claims = jwt.decode(
+                token,
+                key.private_key.public_key(),
+                algorithms=["RS256", "RS384", "RS512"],
+                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            )
+        except jwt.PyJWTError:
+            return None
+        sid = claims.get("sid")
+        return sid if isinstance(sid, str) else None
 
     # ---- control API (no auth)
 
@@ -761,6 +919,20 @@ class ClerkStandin:
 
     def c_public_pem(self) -> Response:
         return Response(self.signing_key.public_pem, 200, mimetype="application/x-pem-file")
+
+    def c_session_status(self, session_id: str) -> Response:
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError:
+            return _control_error("body must be JSON", 400)
+        status = body.get("status") if isinstance(body, dict) else None
+        try:
+            session = self.set_session_status(session_id, status if isinstance(status, str) else "")
+        except KeyError:
+            return _control_error(f"no session with id {session_id}", 404)
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+        return _json_response(session)
 
 
 # --------------------------------------------------------------------------- request helpers

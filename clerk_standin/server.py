@@ -290,6 +290,10 @@ class StandinControl:
     def public_key_pem(self) -> str:
         return self._call("GET", "/public-key.pem")
 
+    def set_session_status(self, session_id: str, status: str) -> dict[str, Any]:
+        """Mark a session ``pending`` (its tokens then carry ``sts: "pending"``) or ``active`` again."""
+        return self._call("POST", f"/sessions/{session_id}/status", {"status": status})
+
 
 class StandinServer:
     """Run a ``ClerkStandin`` on a background thread (for tests).
@@ -310,13 +314,19 @@ class StandinServer:
         key_file: str | os.PathLike[str] | None = None,
         issuer: str = DEFAULT_ISSUER,
         azp: str = DEFAULT_AZP,
+        state_file: str | os.PathLike[str] | None = None,
         log_requests: bool = False,
     ):
         self.host = host
         self.port = port
         self.log_requests = log_requests
         self.app = ClerkStandin(
-            secret_key, private_key=private_key, key_file=key_file, issuer=issuer, azp=azp
+            secret_key,
+            private_key=private_key,
+            key_file=key_file,
+            issuer=issuer,
+            azp=azp,
+            state_file=state_file,
         )
         self._server: StandinWSGIServer | None = None
         self._thread: threading.Thread | None = None

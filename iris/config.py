@@ -170,6 +170,13 @@ def _url(name: str, value: str) -> str:
     return value.rstrip("/")
 
 
+def _page_url(name: str, value: str) -> str:
+    """An absolute http(s) address a browser is sent to (a link on our pages)."""
+    if not re.fullmatch(r"https?://[^/\s?#]+([/?#]\S*)?", value):
+        raise ConfigError(f"Iris cannot start: {name} must be an absolute http:// or https:// address.")
+    return value
+
+
 def _list(name: str, value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -241,6 +248,11 @@ ENVIRONMENT: dict[str, Setting] = {
         "IRIS_PENDING_TIMEOUT_SECONDS", DEFAULT_PENDING_TIMEOUT_SECONDS, _positive_whole_number
     ),
     "IRIS_SIGNUP_ROLES": Setting("IRIS_SIGNUP_ROLES", list(SIGNUP_ROLES), _signup_roles),
+    # Where "Sign in" and "Sign out" links go (redirect_url back to us is added): Clerk's Account Portal in
+    # production; in development with the stand-in, its own pages. Unset: pages say to sign in through the
+    # front end, with no link.
+    "IRIS_SIGN_IN_URL": Setting("IRIS_SIGN_IN_URL", None, _page_url),
+    "IRIS_SIGN_OUT_URL": Setting("IRIS_SIGN_OUT_URL", None, _page_url),
     "CLERK_PUBLISHABLE_KEY": Setting("CLERK_PUBLISHABLE_KEY", None, _clerk_key(issuer_from_publishable_key)),
     "CLERK_JWT_KEY": Setting("CLERK_JWT_KEY", None, _clerk_key(load_jwt_key)),
     # Rate-limit counters. memory:// is per process, so several gunicorn workers need a shared store
@@ -303,7 +315,8 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
 def _fill_in_development_defaults(
     settings: dict[str, Any], env: Mapping[str, str], instance_path: str
 ) -> None:
-    """A SQLite file, a fresh secret key and the local Clerk stand-in, for whichever of them is unset."""
+    """A SQLite file, a fresh secret key and the local Clerk stand-in (its API and its sign-in and sign-out
+    pages), for whichever of them is unset."""
     settings.setdefault("SQLALCHEMY_DATABASE_URI", "sqlite:///" + os.path.join(instance_path, "iris.sqlite3"))
     # A fresh key per start: development sessions and CSRF tokens do not survive a restart.
     settings.setdefault("SECRET_KEY", secrets.token_hex(32))
@@ -312,3 +325,8 @@ def _fill_in_development_defaults(
         settings["CLERK_SECRET_KEY"] = DEV_CLERK_SECRET_KEY
         if "CLERK_API_URL" not in env:
             settings["CLERK_API_URL"] = DEV_CLERK_API_URL
+        # The stand-in's own sign-in and sign-out pages, development's Account Portal.
+        if "IRIS_SIGN_IN_URL" not in env:
+            settings["IRIS_SIGN_IN_URL"] = settings["CLERK_API_URL"] + "/sign-in"
+        if "IRIS_SIGN_OUT_URL" not in env:
+            settings["IRIS_SIGN_OUT_URL"] = settings["CLERK_API_URL"] + "/sign-out"

@@ -1,18 +1,79 @@
-"""Server-rendered pages. Views call the same service as the API and show its errors at their fields."""
+"""Server-rendered pages. Views call the same service as the API and show its errors at their fields.
+
+Every page's navigation knows whether the request is signed in (``page_user``) and links to sign in and out
+through Clerk (IRIS_SIGN_IN_URL, IRIS_SIGN_OUT_URL: the Account Portal in production, the stand-in's pages in
+development), with ``redirect_url`` back to this app.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
 from flask import Blueprint, current_app, g, redirect, render_template, session, url_for
+from sqlalchemy.exc import SQLAlchemyError
 
 from iris import auth, registration
-from iris.errors import EmailTaken, ValidationFailed
-from iris.extensions import limiter, register_limit
+from iris.errors import EmailTaken, IrisError, ValidationFailed
+from iris.extensions import db, limiter, register_limit
 from iris.forms import SignupForm
-from iris.models import DEFAULT_ROLE, RESTAURANT
+from iris.models import DEFAULT_ROLE, RESTAURANT, User
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("web", __name__)
 
 ROLE_LABELS = {RESTAURANT: "Restaurant"}
+# flask.g attribute holding the request's page user once known (None: signed out).
+PAGE_USER = "iris_page_user"
+
+
+def page_user() -> User | None:
+    """The signed-in user for a page's navigation, or None; worked out once per request.
+
+    Never raises: a token that cannot be checked now (Clerk's keys or the database unreachable), a deleted
+    account or a Clerk user without an account all show the page as signed out. Only /account reports
+    those (``account``). Costs what ``auth.current_user`` costs, once: no token, nothing; a token, at most
+    one JWKS fetch (usually none: the keys are cached per process) and one database read.
+    """
+    if PAGE_USER not in g:
+        try:
+            user = auth.current_user()
+        except IrisError as error:
+            log.info("page shown signed out: %s", error.code)
+            user = None
+        except SQLAlchemyError as error:
+            log.info("page shown signed out: database error %s", type(error).__name__)
+            db.session.rollback()
+            user = None
+        setattr(g, PAGE_USER, user)
+    return getattr(g, PAGE_USER)
+
+
+def with_redirect_url(url: str, back_to: str) -> str:
+    """``url`` with ``redirect_url=back_to`` added to its query (Clerk's Account Portal's parameter)."""
+    parts = urlsplit(url)
+    query = "&".join(part for part in (parts.query, urlencode({"redirect_url": back_to})) if part)
+    return urlunsplit(parts._replace(query=query))
+
+
+def sign_in_link() -> str | None:
+    """IRIS_SIGN_IN_URL sending the person back to /account once signed in; None when it is not set."""
+    url = current_app.config.get("IRIS_SIGN_IN_URL")
+    return with_redirect_url(url, url_for("web.account", _external=True)) if url else None
+
+
+def sign_out_link() -> str | None:
+    """IRIS_SIGN_OUT_URL sending the person back to the home page; None when it is not set."""
+    url = current_app.config.get("IRIS_SIGN_OUT_URL")
+    return with_redirect_url(url, url_for("web.home", _external=True)) if url else None
+
+
+@bp.app_context_processor
+def navigation() -> dict[str, Any]:
+    """For every template: functions, so a page that shows no navigation costs nothing."""
+    return {"page_user": page_user, "sign_in_link": sign_in_link, "sign_out_link": sign_out_link}
 
 
 @bp.get("/")
@@ -64,5 +125,10 @@ def signup_done():
 def account():
     """The signed-in user's account (Clerk's ``__session`` cookie, as a browser sends it), or a signed-out
     page. A deleted account is a 403 page; Clerk or the database unreachable, a 503 page."""
-    g.user = auth.current_user()
+    try:
+        g.user = auth.current_user()
+    except (IrisError, SQLAlchemyError):
+        setattr(g, PAGE_USER, None)  # the error page's navigation shows signed out, without asking again
+        raise
+    setattr(g, PAGE_USER, g.user)
     return render_template("account.html", user=g.user, timezone=current_app.config["IRIS_TIMEZONE"])
