@@ -192,6 +192,18 @@ def clerk_users(standin, **params) -> list[dict]:
     return response.json()
 
 
+def create_clerk_user(standin, email: str, password: str = PASSWORD) -> dict:
+    """A user made straight at the stand-in's Backend API, as Clerk's dashboard would (no external_id)."""
+    response = requests.post(
+        standin.api_url + "/users",
+        json={"email_address": [email], "password": password},
+        headers=BAPI_HEADERS,
+        timeout=5,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def password_works(standin, clerk_user_id: str, password: str) -> bool:
     """Whether Clerk accepts ``password`` for the user (``POST /v1/users/{id}/verify_password``)."""
     response = requests.post(

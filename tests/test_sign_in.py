@@ -18,23 +18,12 @@ from flask import Flask
 from clerk_standin import DEFAULT_AZP, SIGN_IN_TOKEN_LIFETIME
 from iris import config, web
 from iris.config import ConfigError
-from tests.helpers import BAPI_HEADERS, PASSWORD, clerk_users, migrate
+from tests.helpers import BAPI_HEADERS, PASSWORD, clerk_users, create_clerk_user, migrate
 
 EMAIL = "owner@bistro.example"
 BACK = DEFAULT_AZP + "/account"
 SIGN_IN_URL = "https://accounts.bistro.example/sign-in"
 SIGN_OUT_URL = "https://accounts.bistro.example/sign-out"
-
-
-def create_user(standin, email: str = EMAIL) -> dict:
-    response = requests.post(
-        standin.api_url + "/users",
-        json={"email_address": [email], "password": PASSWORD},
-        headers=BAPI_HEADERS,
-        timeout=5,
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def sign_in(
@@ -80,7 +69,7 @@ def test_the_sign_in_page_is_a_plain_form_that_keeps_the_redirect(standin):
 
 
 def test_the_right_password_sets_the_session_cookie_and_sends_the_person_back(standin):
-    user = create_user(standin)
+    user = create_clerk_user(standin, EMAIL)
     response = sign_in(standin, email="Owner@Bistro.example")  # emails match in any case, as at Clerk
     assert response.status_code == 303
     assert response.headers["Location"] == BACK
@@ -110,7 +99,7 @@ def test_the_right_password_sets_the_session_cookie_and_sends_the_person_back(st
 
 
 def test_a_wrong_password_shows_the_form_again_with_clerks_message_and_no_cookie(standin):
-    create_user(standin)
+    create_clerk_user(standin, EMAIL)
     response = sign_in(standin, password="not the password")
     assert response.status_code == 422
     page = text_of(response)
@@ -122,7 +111,7 @@ def test_a_wrong_password_shows_the_form_again_with_clerks_message_and_no_cookie
 
 
 def test_an_unknown_email_shows_clerks_message(standin):
-    create_user(standin)
+    create_clerk_user(standin, EMAIL)
     response = sign_in(standin, email="nobody@bistro.example")
     assert response.status_code == 422
     assert "Couldn't find your account." in text_of(response)
@@ -146,7 +135,7 @@ def test_an_unknown_email_shows_clerks_message(standin):
     ],
 )
 def test_a_redirect_off_the_apps_origin_is_refused_and_signs_nobody_in(standin, redirect_url):
-    create_user(standin)
+    create_clerk_user(standin, EMAIL)
     shown = requests.get(standin.base_url + "/sign-in", params={"redirect_url": redirect_url}, timeout=5)
     assert shown.status_code == 400
     assert f"redirect_url must be an address on {DEFAULT_AZP}." in text_of(shown)
@@ -166,7 +155,7 @@ def test_a_redirect_off_the_apps_origin_is_refused_and_signs_nobody_in(standin, 
     ],
 )
 def test_a_redirect_on_the_apps_origin_is_followed(standin, given, sent_to):
-    create_user(standin)
+    create_clerk_user(standin, EMAIL)
     data = {"email": EMAIL, "password": PASSWORD}
     if given is not None:
         data["redirect_url"] = given
@@ -176,7 +165,7 @@ def test_a_redirect_on_the_apps_origin_is_followed(standin, given, sent_to):
 
 
 def test_signing_out_ends_the_session_and_expires_the_cookie(standin):
-    create_user(standin)
+    create_clerk_user(standin, EMAIL)
     token = set_cookie(sign_in(standin))["value"]
     sid = jwt.decode(token, options={"verify_signature": False})["sid"]
     response = requests.get(
@@ -197,7 +186,7 @@ def test_signing_out_ends_the_session_and_expires_the_cookie(standin):
 
 
 def test_signing_out_signed_out_or_with_a_forged_cookie_ends_nothing(standin):
-    user = create_user(standin)
+    user = create_clerk_user(standin, EMAIL)
     session = requests.post(
         standin.api_url + "/sessions", json={"user_id": user["id"]}, headers=BAPI_HEADERS, timeout=5
     )

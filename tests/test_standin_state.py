@@ -18,20 +18,9 @@ import pytest
 import requests
 
 from clerk_standin import ClerkStandin, StandinServer, StateFileError
-from tests.helpers import BAPI_HEADERS, PASSWORD, clerk_users, password_works
+from tests.helpers import BAPI_HEADERS, PASSWORD, clerk_users, create_clerk_user, password_works
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def create_user(server: StandinServer, email: str) -> dict:
-    response = requests.post(
-        server.api_url + "/users",
-        json={"email_address": [email], "password": PASSWORD},
-        headers=BAPI_HEADERS,
-        timeout=5,
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def create_session(server: StandinServer, user_id: str) -> dict:
@@ -52,8 +41,8 @@ def test_users_passwords_and_sessions_survive_a_restart_with_the_same_state_file
     state_file = tmp_path / "instance" / "clerk-standin-state.json"
     key_file = tmp_path / "instance" / "clerk-standin-key.pem"
     with StandinServer(state_file=state_file, key_file=key_file) as first:
-        owner = create_user(first, "owner@bistro.example")
-        chef = create_user(first, "chef@bistro.example")
+        owner = create_clerk_user(first, "owner@bistro.example")
+        chef = create_clerk_user(first, "chef@bistro.example")
         session = create_session(first, owner["id"])
     assert oct(state_file.stat().st_mode & 0o777) == "0o600"  # it holds password digests
     assert PASSWORD not in state_file.read_text()
@@ -76,7 +65,7 @@ def test_users_passwords_and_sessions_survive_a_restart_with_the_same_state_file
         assert again.status_code == 422
         assert again.json()["errors"][0]["code"] == "form_identifier_exists"
         # Users made after the restart come after the loaded ones.
-        newcomer = create_user(second, "host@bistro.example")
+        newcomer = create_clerk_user(second, "host@bistro.example")
         assert [u["id"] for u in clerk_users(second, order_by="created_at")] == [
             owner["id"],
             chef["id"],
@@ -87,8 +76,8 @@ def test_users_passwords_and_sessions_survive_a_restart_with_the_same_state_file
 def test_a_deletion_and_a_reset_are_kept_too(tmp_path):
     state_file = tmp_path / "state.json"
     with StandinServer(state_file=state_file) as first:
-        owner = create_user(first, "owner@bistro.example")
-        chef = create_user(first, "chef@bistro.example")
+        owner = create_clerk_user(first, "owner@bistro.example")
+        chef = create_clerk_user(first, "chef@bistro.example")
         assert (
             requests.delete(
                 f"{first.api_url}/users/{chef['id']}", headers=BAPI_HEADERS, timeout=5
@@ -105,7 +94,7 @@ def test_a_deletion_and_a_reset_are_kept_too(tmp_path):
 def test_without_a_state_file_nothing_is_written_and_a_restart_starts_empty(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stray relative file would land here
     with StandinServer() as first:
-        create_user(first, "owner@bistro.example")
+        create_clerk_user(first, "owner@bistro.example")
     with StandinServer() as second:
         assert clerk_users(second) == []
     assert list(tmp_path.iterdir()) == []
@@ -162,7 +151,7 @@ def test_an_unreadable_state_file_is_an_error_not_an_empty_start(tmp_path):
 
 
 def test_a_session_marked_pending_mints_pending_tokens_until_marked_active(standin):
-    user = create_user(standin, "owner@bistro.example")
+    user = create_clerk_user(standin, "owner@bistro.example")
     session = create_session(standin, user["id"])
     assert standin.control.set_session_status(session["id"], "pending")["status"] == "pending"
     pending = jwt.decode(mint(standin, session["id"]).json()["jwt"], options={"verify_signature": False})
@@ -173,7 +162,7 @@ def test_a_session_marked_pending_mints_pending_tokens_until_marked_active(stand
 
 
 def test_marking_an_unknown_session_or_an_unknown_status_is_refused(standin):
-    user = create_user(standin, "owner@bistro.example")
+    user = create_clerk_user(standin, "owner@bistro.example")
     session = create_session(standin, user["id"])
     url = f"{standin.base_url}/__standin/sessions"
     assert (
