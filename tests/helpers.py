@@ -192,11 +192,12 @@ def clerk_users(standin, **params) -> list[dict]:
     return response.json()
 
 
-def create_clerk_user(standin, email: str, password: str = PASSWORD) -> dict:
-    """A user made straight at the stand-in's Backend API, as Clerk's dashboard would (no external_id)."""
+def create_clerk_user(standin, email: str, password: str = PASSWORD, external_id: str | None = None) -> dict:
+    """A user made straight at the stand-in's Backend API, as Clerk's dashboard would (with no external_id
+    unless one is given)."""
     response = requests.post(
         standin.api_url + "/users",
-        json={"email_address": [email], "password": password},
+        json={"email_address": [email], "password": password, "external_id": external_id},
         headers=BAPI_HEADERS,
         timeout=5,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.helpers import (
     URL,
     assert_error,
     clerk_users,
+    create_clerk_user,
     expire_leases,
     migrate,
     password_works,
@@ -254,3 +256,40 @@ def test_a_row_one_reconcile_claimed_is_skipped_by_another_that_read_it_as_uncla
         ("one@bistro.example", True),
         ("two@bistro.example", True),
     }
+
+
+def test_a_lost_create_whose_lookup_is_lost_too_keeps_the_row_until_the_create_cannot_land(app, standin):
+    """Clerk's answer to the create and to the lookup after it are both lost: Iris cannot know whether the
+    user exists, so the row stays pending with a full lease. The create then lands, and the next attempt,
+    once the lease has run out, settles it and registers afresh."""
+    create = standin.control.add_fault(method="POST", path="/v1/users", action="hold", times=1)
+    standin.control.add_fault(method="GET", path="/v1/users", action="drop", times=1)
+    response = register(app)
+    assert_error(response, 503, "auth_provider_unavailable")
+    assert int(response.headers["Retry-After"]) == app.config["IRIS_PENDING_TIMEOUT_SECONDS"] + 1
+    assert [row.clerk_user_id for row in rows(app)] == [None]
+
+    standin.control.release(create["id"])
+    wait_for(lambda: clerk_users(standin) != [])
+    expire_leases(app)
+    created = register(app, OTHER_PASSWORD)
+    assert created.status_code == 201, created.json
+    assert_one_account(app, standin, OTHER_PASSWORD)
+
+
+@pytest.mark.parametrize(
+    "fault", [{"action": "drop"}, {"action": "drop", "after_commit": True}], ids=["not-done", "done"]
+)
+def test_a_stray_whose_delete_answer_is_lost_is_left_for_a_later_attempt(app, standin, fault):
+    """A Clerk user carrying an id of ours that no row has holds the email, and the answer to deleting it is
+    lost (the delete was or was not carried out). The attempt answers 409 and leaves no row; the next one
+    succeeds either way, with one account."""
+    stray = create_clerk_user(standin, EMAIL, external_id=str(uuid.uuid4()))
+    standin.control.add_fault(method="DELETE", path="/v1/users/", times=1, **fault)
+    assert_error(register(app), 409, "email_taken")
+    assert rows(app) == []
+
+    created = register(app, OTHER_PASSWORD)
+    assert created.status_code == 201, created.json
+    _, clerk_user = assert_one_account(app, standin, OTHER_PASSWORD)
+    assert clerk_user["id"] != stray["id"]
