@@ -1,9 +1,9 @@
 """The stand-in as a WSGI app: Clerk's ``/v1`` routes over in-memory state, and the control API.
 
-``ClerkStandin`` serves the subset of ``https://api.clerk.com/v1`` the accounts backend uses (users,
-sessions, session tokens, the JWKS) in Clerk's wire format (``clerk_standin.wire``), and wraps it in the
-request counting and fault injection (``clerk_standin.faults``) that the control API under ``/__standin``
-drives. It binds no socket: ``clerk_standin.server`` runs it.
+``ClerkStandin`` serves the subset of ``https://api.clerk.com/v1`` the accounts backend uses (users, their
+email addresses, sessions, session tokens, the JWKS) in Clerk's wire format (``clerk_standin.wire``), and
+wraps it in the request counting and fault injection (``clerk_standin.faults``) that the control API under
+``/__standin`` drives. It binds no socket: ``clerk_standin.server`` runs it.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from clerk_standin.wire import (
     param_unknown,
     param_value_invalid,
     password_digest,
+    unverified,
+    verified_by_admin,
 )
 
 log = logging.getLogger("clerk_standin")
@@ -85,6 +87,8 @@ CREATE_USER_PARAMS = frozenset(
         "username",
     }
 )
+# Clerk's Python SDK sends notify_primary_email_address_changed (false) on every update; no email goes out.
+UPDATE_EMAIL_ADDRESS_PARAMS = frozenset({"verified", "primary", "notify_primary_email_address_changed"})
 CREATE_SESSION_PARAMS = frozenset({"user_id", "active_organization_id"})
 CREATE_TOKEN_PARAMS = frozenset({"expires_in_seconds"})
 # Session statuses a token may be minted for, and the sts claim each gives.
@@ -314,6 +318,18 @@ class ClerkStandin:
                 self.verify_password,
                 ["POST"],
             ),
+            (
+                "/v1/email_addresses/<email_address_id>",
+                "get_email_address",
+                self.get_email_address,
+                ["GET"],
+            ),
+            (
+                "/v1/email_addresses/<email_address_id>",
+                "update_email_address",
+                self.update_email_address,
+                ["PATCH"],
+            ),
             ("/v1/sessions", "create_session", self.create_session, ["POST"]),
             ("/v1/sessions/<session_id>/tokens", "create_token", self.create_token, ["POST"]),
             ("/v1/jwks", "jwks", self.jwks, ["GET"]),
@@ -474,13 +490,7 @@ class ClerkStandin:
                 "object": "email_address",
                 "email_address": email,
                 "reserved": False,
-                "verification": {
-                    "object": "verification_admin",
-                    "status": "verified",
-                    "strategy": "admin",
-                    "attempts": None,
-                    "expire_at": None,
-                },
+                "verification": verified_by_admin(),
                 "linked_to": [],
                 "matches_sso_connection": False,
                 "created_at": created,
@@ -664,6 +674,65 @@ class ClerkStandin:
             return (primary.lower(), seq)
         value = user[field]
         return (value is None, (value or "").lower(), seq)
+
+    # ---- /v1/email_addresses
+
+    def get_email_address(self, email_address_id: str) -> Response:
+        """``GET /v1/email_addresses/{id}``: 200 the ``EmailAddress``, as it appears in its user's
+        ``email_addresses``; 404 ``resource_not_found`` when no user has it."""
+        with self.lock:
+            found = self._find_email_address(email_address_id)
+            result = copy.deepcopy(found[1]) if found is not None else None
+        if result is None:
+            raise not_found("email address", email_address_id)
+        return _json_response(result)
+
+    def update_email_address(self, email_address_id: str) -> Response:
+        """``PATCH /v1/email_addresses/{id}`` ``{"verified"?, "primary"?}``: 200 the updated ``EmailAddress``.
+
+        ``verified: true`` gives the address Clerk's admin verification (status ``verified``), ``false`` the
+        unverified form (``wire.unverified``); ``primary: true`` makes it its user's
+        ``primary_email_address_id`` (``false`` changes nothing: a user always has a primary address).
+        ``notify_primary_email_address_changed`` is accepted and ignored (no emails here); ``null`` counts
+        as absent. The address's and the user's ``updated_at`` move on. Unknown keys get 422
+        ``form_param_unknown``, non-booleans 422 ``form_param_type_invalid``, both before the 404 for an
+        unknown address."""
+        body = _json_object_body()
+        unknown = sorted(set(body) - UPDATE_EMAIL_ADDRESS_PARAMS)
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        errors = [
+            param_type_invalid(name, "a boolean")
+            for name in sorted(UPDATE_EMAIL_ADDRESS_PARAMS)
+            if body.get(name) is not None and not isinstance(body[name], bool)
+        ]
+        if errors:
+            raise ClerkAPIError(422, errors)
+        verified, primary = body.get("verified"), body.get("primary")
+        result: dict[str, Any] | None = None
+        with self.lock:
+            found = self._find_email_address(email_address_id)
+            if found is not None:
+                user, address = found
+                if verified is not None:
+                    address["verification"] = verified_by_admin() if verified else unverified()
+                if primary:
+                    user["primary_email_address_id"] = address["id"]
+                address["updated_at"] = user["updated_at"] = now_ms()
+                result = copy.deepcopy(address)
+        if result is None:
+            raise not_found("email address", email_address_id)
+        self._save()
+        return _json_response(result)
+
+    def _find_email_address(self, email_address_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The user holding the address ``email_address_id`` and the address itself (both live, not
+        copies), or None. Caller holds the lock."""
+        for user in self.users.values():
+            for address in user["email_addresses"]:
+                if address["id"] == email_address_id:
+                    return user, address
+        return None
 
     # ---- /v1/sessions
 

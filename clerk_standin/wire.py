@@ -93,6 +93,36 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# --------------------------------------------------------------------------- email verification
+
+
+def verified_by_admin() -> dict[str, Any]:
+    """The ``verification`` of an address made or marked verified through the Backend API: Clerk's admin
+    strategy, whose status can only be ``verified`` (so says Clerk's Python SDK, generated from its API
+    spec)."""
+    return {
+        "object": "verification_admin",
+        "status": "verified",
+        "strategy": "admin",
+        "attempts": None,
+        "expire_at": None,
+    }
+
+
+def unverified() -> dict[str, Any]:
+    """The ``verification`` of an address marked unverified through the Backend API. Clerk's rendering of
+    that case is unconfirmed, and an admin verification cannot say ``unverified`` (Clerk's Python SDK
+    rejects it), so this is the shape of an email address awaiting its emailed code, no code sent yet.
+    Readers must treat any status but ``verified`` (and ``verification: null``) as unverified."""
+    return {
+        "object": "verification_otp",
+        "status": "unverified",
+        "strategy": "email_code",
+        "attempts": None,
+        "expire_at": None,
+    }
+
+
 # --------------------------------------------------------------------------- errors
 
 

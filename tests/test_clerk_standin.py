@@ -105,6 +105,11 @@ class Api:
     def delete(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("DELETE", path, **kwargs)
 
+    def patch(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return self.request("PATCH", path, **kwargs)
+
     def create_user(self, email: str, **fields: Any) -> dict[str, Any]:
         fields.setdefault("password", "a fine long passphrase")
         response = self.post("/v1/users", {"email_address": [email], **fields})
@@ -477,6 +482,144 @@ def test_list_unknown_order_by_is_422_value_invalid(api: Api) -> None:
         api.get("/v1/users", params={"order_by": "-password"}), 422, "form_param_value_invalid"
     )
     assert error["meta"] == {"param_name": "order_by"}
+
+
+# --------------------------------------------------------------------------- email addresses
+
+# What an address marked unverified shows (the stand-in's choice: Clerk's own rendering is unconfirmed,
+# and its admin verification cannot say "unverified"); what a Backend API-made or -verified one shows.
+UNVERIFIED = MappingProxyType(
+    {
+        "object": "verification_otp",
+        "status": "unverified",
+        "strategy": "email_code",
+        "attempts": None,
+        "expire_at": None,
+    }
+)
+VERIFIED_BY_ADMIN = MappingProxyType(
+    {
+        "object": "verification_admin",
+        "status": "verified",
+        "strategy": "admin",
+        "attempts": None,
+        "expire_at": None,
+    }
+)
+
+
+def two_address_user(api: Api) -> dict[str, Any]:
+    response = api.post(
+        "/v1/users", {"email_address": ["first@example.com", "second@example.com"], "password": None}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_get_email_address_is_the_users_address_and_404_when_unknown(api: Api) -> None:
+    user = two_address_user(api)
+    for address in user["email_addresses"]:
+        response = api.get(f"/v1/email_addresses/{address['id']}")
+        assert response.status_code == 200, response.text
+        assert response.json() == address
+    error = only_error(api.get("/v1/email_addresses/idn_missing"), 404, "resource_not_found")
+    assert "idn_missing" in error["long_message"]
+
+
+def test_patch_verified_false_then_true_shows_in_the_address_and_the_user(api: Api) -> None:
+    user = api.create_user("owner@example.com")
+    [address] = user["email_addresses"]
+    url = f"/v1/email_addresses/{address['id']}"
+    time.sleep(0.005)  # timestamps are milliseconds: let the clock move past created_at
+
+    response = api.patch(url, {"verified": False})
+    assert response.status_code == 200, response.text
+    changed = response.json()
+    assert changed["verification"] == UNVERIFIED
+    assert changed["updated_at"] > address["updated_at"]
+    assert {k: v for k, v in changed.items() if k not in ("verification", "updated_at")} == {
+        k: v for k, v in address.items() if k not in ("verification", "updated_at")
+    }
+    assert api.get(url).json() == changed
+    fetched = api.get(f"/v1/users/{user['id']}").json()
+    assert fetched["email_addresses"] == [changed]
+    assert fetched["updated_at"] == changed["updated_at"] > user["updated_at"]
+    assert fetched["primary_email_address_id"] == address["id"]
+    [listed] = api.get("/v1/users", params={"email_address": "owner@example.com"}).json()
+    assert listed == fetched
+
+    time.sleep(0.005)
+    again = api.patch(url, {"verified": True})
+    assert again.status_code == 200, again.text
+    assert again.json()["verification"] == VERIFIED_BY_ADMIN
+    assert again.json()["updated_at"] > changed["updated_at"]
+    assert api.get(f"/v1/users/{user['id']}").json()["email_addresses"] == [again.json()]
+
+
+def test_patch_primary_true_makes_it_the_users_primary_address(api: Api) -> None:
+    user = two_address_user(api)
+    first, second = user["email_addresses"]
+    assert user["primary_email_address_id"] == first["id"]
+    response = api.patch(f"/v1/email_addresses/{second['id']}", {"primary": True})
+    assert response.status_code == 200, response.text
+    assert response.json()["verification"] == VERIFIED_BY_ADMIN  # primary alone leaves it as it was
+    fetched = api.get(f"/v1/users/{user['id']}").json()
+    assert fetched["primary_email_address_id"] == second["id"]
+    assert fetched["email_addresses"] == [first, response.json()]
+    # primary: false has nothing to undo (a user always has a primary address); the other user is untouched.
+    other = api.create_user("other@example.com")
+    assert api.patch(f"/v1/email_addresses/{second['id']}", {"primary": False}).status_code == 200
+    assert api.get(f"/v1/users/{user['id']}").json()["primary_email_address_id"] == second["id"]
+    assert api.get(f"/v1/users/{other['id']}").json() == other
+
+
+def test_patch_takes_nulls_as_absent_and_accepts_the_sdks_notify_flag(api: Api) -> None:
+    user = api.create_user("n@example.com")
+    [address] = user["email_addresses"]
+    body = {"verified": None, "primary": None, "notify_primary_email_address_changed": False}
+    response = api.patch(f"/v1/email_addresses/{address['id']}", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["verification"] == VERIFIED_BY_ADMIN
+    assert api.get(f"/v1/users/{user['id']}").json()["primary_email_address_id"] == address["id"]
+
+
+def test_patch_refusals_are_clerk_errors_and_change_nothing(api: Api) -> None:
+    user = api.create_user("r@example.com")
+    [address] = user["email_addresses"]
+    url = f"/v1/email_addresses/{address['id']}"
+    unknown = api.patch(url, {"verified": False, "email_address": "x@example.com"})
+    assert only_error(unknown, 422, "form_param_unknown")["meta"] == {"param_name": "email_address"}
+    wrong = api.patch(url, {"verified": "false", "primary": 1})
+    assert wrong.status_code == 422, wrong.text
+    assert [(e["code"], e["meta"]) for e in wrong.json()["errors"]] == [
+        ("form_param_type_invalid", {"param_name": "primary"}),
+        ("form_param_type_invalid", {"param_name": "verified"}),
+    ]
+    only_error(api.patch(url, data=b"{not json"), 400, "request_body_invalid")
+    missing = api.patch("/v1/email_addresses/idn_missing", {"verified": False})
+    assert "idn_missing" in only_error(missing, 404, "resource_not_found")["long_message"]
+    # Checked before the lookup, as for the other endpoints: a bad body is 422 whatever the id.
+    only_error(api.patch("/v1/email_addresses/idn_missing", {"nope": 1}), 422, "form_param_unknown")
+    assert api.get(f"/v1/users/{user['id']}").json() == user
+
+
+def test_email_address_routes_meet_faults_and_are_counted(api: Api) -> None:
+    user = api.create_user("f@example.com")
+    [address] = user["email_addresses"]
+    url = f"/v1/email_addresses/{address['id']}"
+    api.fault(method="PATCH", path="/v1/email_addresses/", times=1, status=429, retry_after=2)
+    limited = api.patch(url, {"verified": False})
+    only_error(limited, 429, "too_many_requests")
+    assert limited.headers["Retry-After"] == "2"
+    assert api.get(url).json() == address  # the faulted PATCH changed nothing
+    api.fault(path="/v1/email_addresses/", times=1, action="garbage")
+    assert api.get(url).text.startswith("<html>")  # the GET met the garbage fault
+    assert api.patch(url, {"verified": False}).json()["verification"] == UNVERIFIED
+    assert api.stats()["requests"] == {
+        "POST /v1/users": 1,
+        "GET /v1/email_addresses/<email_address_id>": 2,
+        "PATCH /v1/email_addresses/<email_address_id>": 2,
+    }
 
 
 # --------------------------------------------------------------------------- sessions, tokens, keys
@@ -956,3 +1099,33 @@ def test_clerk_python_sdk_works_unchanged(standin: StandinServer, api: Api) -> N
         assert deleted.deleted is True and deleted.id == user.id
         with pytest.raises(models.ClerkErrors):
             clerk.users.get(user_id=user.id)
+
+
+def test_clerk_python_sdk_reads_and_marks_email_verification(standin: StandinServer, api: Api) -> None:
+    from clerk_backend_api import Clerk, models
+
+    user = api.create_user("sdk-verify@example.com")
+    address_id = user["primary_email_address_id"]
+    with Clerk(bearer_auth=standin.secret_key, server_url=standin.api_url) as clerk:
+        marked = clerk.email_addresses.update(email_address_id=address_id, verified=False)
+        assert isinstance(marked, models.EmailAddress) and marked.id == address_id
+        assert isinstance(marked.verification, models.Otp)
+        assert marked.verification.status == models.VerificationStatus.UNVERIFIED
+
+        fetched = clerk.email_addresses.get(email_address_id=address_id)
+        assert fetched.verification is not None and fetched.verification.status == "unverified"
+        [listed] = clerk.users.get(user_id=user["id"]).email_addresses
+        assert listed.id == address_id and listed.verification is not None
+        assert listed.verification.status == "unverified"
+
+        verified = clerk.email_addresses.update(email_address_id=address_id, verified=True, primary=True)
+        assert isinstance(verified.verification, models.Admin)
+        assert verified.verification.status == models.VerificationAdminVerificationStatus.VERIFIED
+        assert clerk.users.get(user_id=user["id"]).email_addresses[0].verification == verified.verification
+
+        with pytest.raises(models.ClerkErrors) as missing:
+            clerk.email_addresses.get(email_address_id="idn_missing")
+        assert missing.value.data.errors[0].code == "resource_not_found"
+        with pytest.raises(models.ClerkErrors) as missing_update:
+            clerk.email_addresses.update(email_address_id="idn_missing", verified=False)
+        assert missing_update.value.data.errors[0].code == "resource_not_found"

@@ -91,6 +91,37 @@ def test_a_deletion_and_a_reset_are_kept_too(tmp_path):
         assert clerk_users(third) == []
 
 
+def test_an_address_marked_unverified_and_a_new_primary_survive_a_restart(tmp_path):
+    state_file = tmp_path / "state.json"
+    with StandinServer(state_file=state_file) as first:
+        response = requests.post(
+            first.api_url + "/users",
+            json={"email_address": ["owner@bistro.example", "kitchen@bistro.example"]},
+            headers=BAPI_HEADERS,
+            timeout=5,
+        )
+        assert response.status_code == 200, response.text
+        owner = response.json()
+        kitchen_id = owner["email_addresses"][1]["id"]
+        marked = requests.patch(
+            f"{first.api_url}/email_addresses/{kitchen_id}",
+            json={"verified": False, "primary": True},
+            headers=BAPI_HEADERS,
+            timeout=5,
+        )
+        assert marked.status_code == 200, marked.text
+        assert marked.json()["verification"]["status"] == "unverified"
+        [before] = clerk_users(first)
+    assert before["primary_email_address_id"] == kitchen_id
+
+    with StandinServer(state_file=state_file) as second:
+        assert clerk_users(second) == [before]
+        fetched = requests.get(
+            f"{second.api_url}/email_addresses/{kitchen_id}", headers=BAPI_HEADERS, timeout=5
+        )
+        assert fetched.status_code == 200 and fetched.json() == marked.json()
+
+
 def test_without_a_state_file_nothing_is_written_and_a_restart_starts_empty(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stray relative file would land here
     with StandinServer() as first:
