@@ -9,9 +9,9 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, abort, current_app, g, request, url_for
 
-from iris import auth, registration
+from iris import auth, registration, verification
 from iris.errors import InvalidJSON, UnsupportedMediaType, ValidationFailed, field_error
-from iris.extensions import limiter, register_limit
+from iris.extensions import limiter, register_limit, verification_email_limit
 from iris.models import DEFAULT_ROLE
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -90,6 +90,28 @@ def register():
     user = registration.register(body.get("email"), body.get("password"), role)
     location = url_for("api.get_user", user_id=user.id)
     return user.to_dict(current_app.config["IRIS_TIMEZONE"]), 201, {"Location": location}
+
+
+# The one answer to a request for a new verification mail, whatever the address.
+NEW_LINK_ANSWER = {
+    "message": "If an account with this address is waiting for confirmation, a new link is on its way."
+}
+
+
+@bp.post("/auth/verification-email")
+@limiter.shared_limit(verification_email_limit, scope="verification_email")
+def verification_email():
+    """Ask for a new verification mail: ``{email}`` -> 202, the same body whatever the address. Only a live,
+    unconfirmed account's address gets a mail, at most one per few minutes (``iris.verification``)."""
+    body = json_object()
+    unknown = sorted(set(body) - {"email"})
+    details = [field_error(name, "unknown_field", "This field is not accepted.") for name in unknown]
+    if not isinstance(body.get("email"), str) or not body["email"].strip():
+        details.append(field_error("email", "required", "Enter your email address."))
+    if details:
+        raise ValidationFailed(details=details)
+    verification.request_mail(body["email"])
+    return NEW_LINK_ANSWER, 202
 
 
 @bp.get("/users/me")

@@ -103,6 +103,28 @@ def delete_user(clerk_user_id: str) -> bool:
     return True
 
 
+def get_user(clerk_user_id: str) -> dict[str, Any] | None:
+    """One Clerk user, or None when Clerk has no such user (deleted, or never made)."""
+    try:
+        return _call("GET", f"/users/{clerk_user_id}", path_template="/users/{id}")
+    except NotFoundAtClerk:
+        return None
+
+
+def set_email_verified(email_address_id: str, verified: bool) -> dict[str, Any]:
+    """Mark a Clerk email address verified or not (``PATCH /v1/email_addresses/{id}``); the address back.
+
+    Idempotent: repeating it, or a lost call landing late, leaves the same flag. ``NotFoundAtClerk`` when no
+    user has the address.
+    """
+    return _call(
+        "PATCH",
+        f"/email_addresses/{email_address_id}",
+        json={"verified": verified},
+        path_template="/email_addresses/{id}",
+    )
+
+
 def find_users(*, email: str | None = None, external_id: str | None = None) -> list[dict[str, Any]]:
     """Clerk users matching an email address or an external_id (at most 10)."""
     params = {}

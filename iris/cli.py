@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from iris import clerk, registration
+from iris import clerk, mail, registration, verification
 from iris.config import database_uri, direct_engine
 from iris.errors import (
     DATABASE_UNREACHABLE,
@@ -68,13 +68,21 @@ def iris_cli(verbose: bool) -> None:
 
 @iris_cli.command("reconcile")
 def reconcile_command() -> None:
-    """Complete or undo registrations that died half-way (see iris.registration).
+    """Complete or undo registrations that died half-way (see iris.registration), remove accounts left
+    unconfirmed longer than IRIS_UNVERIFIED_TTL_HOURS, and send the mails not sent yet (iris.mail).
 
-    Exits 1 when some could not be resolved (Clerk or the database unreachable); run it again later.
+    The summary line counts each. Exits 1 when something could not be done (Clerk, the database or the mail
+    server unreachable); run it again later.
     """
     counts = registration.reconcile()
-    click.echo(f"completed {counts['completed']}, removed {counts['removed']}, failed {counts['failed']}")
-    if counts["failed"]:
+    expired = verification.expire_unconfirmed()
+    mails = mail.send_unsent(verification.compose)
+    click.echo(
+        f"completed {counts['completed']}, removed {counts['removed']}, failed {counts['failed']};"
+        f" unconfirmed accounts removed {expired['removed']}, not removed {expired['failed']};"
+        f" mails sent {mails['sent']}, not sent {mails['failed']}"
+    )
+    if counts["failed"] or expired["failed"] or mails["failed"]:
         raise SystemExit(1)
 
 
@@ -108,9 +116,10 @@ def token_command(email: str) -> None:
 def users_command(email_part: str | None, role: str | None, which: str | None) -> None:
     """List accounts, newest first: email, role, status, created, deleted, and a count.
 
-    Status is "active" (a complete account), "pending" (a registration still in flight or unsettled: it has
-    no Clerk user yet, see `flask iris reconcile`) or "deleted". Whether the owner confirmed the email address
-    is not shown: Iris does not verify email addresses yet. Times are in IRIS_TIMEZONE. Reads only.
+    Status is "active" (a complete account whose owner confirmed the email address), "unconfirmed" (a
+    complete account whose email address is not confirmed yet), "pending" (a registration still in flight or
+    unsettled: it has no Clerk user yet, see `flask iris reconcile`) or "deleted". Times are in
+    IRIS_TIMEZONE. Reads only.
     """
     query = sa.select(User).order_by(User.created_at.desc(), User.email)
     if which in ("deleted", "all"):
@@ -139,7 +148,9 @@ def users_command(email_part: str | None, role: str | None, which: str | None) -
 def _status(user: User) -> str:
     if user.deleted_at is not None:
         return "deleted"
-    return "active" if user.clerk_user_id else "pending"
+    if not user.clerk_user_id:
+        return "pending"
+    return "active" if user.email_verified_at is not None else "unconfirmed"
 
 
 def _local(moment: datetime | None, zone: str) -> str:

@@ -6,9 +6,10 @@ its text is read. Flask's own settings and those of
 its extensions come in as FLASK_<NAME> through ``Config.from_prefixed_env`` in the factory, on top of
 ``defaults``.
 
-Development (FLASK_DEBUG=1, as ``make run`` sets it) gets embedded defaults so that nothing has to be set up:
-a SQLite file in the instance folder, a generated secret key and the local Clerk stand-in. Anywhere else a
-missing required variable stops start-up with one message naming every missing variable.
+Development (FLASK_DEBUG=1, as ``make run`` sets it) gets embedded defaults so that nothing has to be set
+up: a SQLite file in the instance folder, a generated secret key, the local Clerk stand-in and mails printed
+to the console. Anywhere else a missing required variable stops start-up with one message naming every
+missing variable.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from iris.models import SIGNUP_ROLES
 # Where `make run` starts the local Clerk stand-in, and the key it accepts.
 DEV_CLERK_API_URL = "http://127.0.0.1:5001"
 DEV_CLERK_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in's key, not a secret)
+DEV_PUBLIC_URL = "http://127.0.0.1:5000"  # `make run`'s app (scripts/dev.py sets its own port)
 
 # Upper bound for any one statement or lock wait on PostgreSQL (IRIS_DB_STATEMENT_TIMEOUT_MS). A blocked
 # query (a table locked by a migration, a hung backend) would otherwise hold a gunicorn thread for as long as
@@ -177,6 +179,26 @@ def _page_url(name: str, value: str) -> str:
     return value
 
 
+def _public_url(name: str, value: str) -> str:
+    """The site's public origin (scheme, host, optional port), without a trailing slash."""
+    if not re.fullmatch(r"https?://[^/\s?#]+/?", value):
+        raise ConfigError(f"Iris cannot start: {name} must be an origin such as https://iris.example.")
+    return value.rstrip("/")
+
+
+def _switch(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ConfigError(f"Iris cannot start: {name} must be true or false.")
+    return lowered in ("true", "1", "yes", "on")
+
+
+def _verification(name: str, value: str) -> str:
+    if value not in ("required", "off"):
+        raise ConfigError(f"Iris cannot start: {name} must be required or off.")
+    return value
+
+
 def _list(name: str, value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -226,7 +248,15 @@ class Setting(NamedTuple):
     key: str
     default: Any = None
     parse: Callable[[str, str], Any] = _text
-    required: bool = False  # no default: must be set outside development
+    # Must be set outside development: True always, or a test of the other settings (by config key).
+    required: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def required_by(self, settings: Mapping[str, Any]) -> bool:
+        return self.required(settings) if callable(self.required) else self.required
+
+
+def _verification_required(settings: Mapping[str, Any]) -> bool:
+    return settings.get("IRIS_EMAIL_VERIFICATION") == "required"
 
 
 # Every service setting, by environment name. Errors are reported in this order; the required ones first, as
@@ -258,6 +288,20 @@ ENVIRONMENT: dict[str, Setting] = {
     # Rate-limit counters. memory:// is per process, so several gunicorn workers need a shared store
     # (redis://...). If the store fails, requests go on with per-process counters rather than failing.
     "RATELIMIT_STORAGE_URI": Setting("RATELIMIT_STORAGE_URI", "memory://"),
+    # Email verification (iris.verification): ``required`` or ``off`` (accounts count as confirmed at once).
+    "IRIS_EMAIL_VERIFICATION": Setting("IRIS_EMAIL_VERIFICATION", "required", _verification),
+    # Links in mails are built from this origin, never from a request's Host.
+    "IRIS_PUBLIC_URL": Setting("IRIS_PUBLIC_URL", None, _public_url, required=_verification_required),
+    "IRIS_UNVERIFIED_TTL_HOURS": Setting("IRIS_UNVERIFIED_TTL_HOURS", 168, _positive_whole_number),
+    # SMTP for Iris's own mails (iris.mail); without MAIL_SERVER (development only) mails go to the console.
+    "MAIL_SERVER": Setting("MAIL_SERVER", None, required=_verification_required),
+    "MAIL_PORT": Setting("MAIL_PORT", 25, _positive_whole_number),
+    "MAIL_USERNAME": Setting("MAIL_USERNAME"),
+    "MAIL_PASSWORD": Setting("MAIL_PASSWORD"),
+    "MAIL_USE_TLS": Setting("MAIL_USE_TLS", False, _switch),
+    "MAIL_USE_SSL": Setting("MAIL_USE_SSL", False, _switch),
+    # Unset: "Iris <no-reply@HOST>", HOST from IRIS_PUBLIC_URL.
+    "MAIL_DEFAULT_SENDER": Setting("MAIL_DEFAULT_SENDER"),
 }
 
 
@@ -273,13 +317,15 @@ def defaults(*, debug: bool) -> dict[str, Any]:
         # Rate limits per client IP, counted in RATELIMIT_STORAGE_URI.
         "RATELIMIT_DEFAULT": "300 per minute",
         "RATELIMIT_REGISTER": "10 per minute; 50 per hour",
+        # Asking for a new verification mail (API and page), per client IP.
+        "RATELIMIT_VERIFICATION_EMAIL": "5 per minute; 20 per hour",
         "RATELIMIT_SWALLOW_ERRORS": True,
         "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
     }
     unset = {
         setting.key: copy.deepcopy(setting.default)
         for setting in ENVIRONMENT.values()
-        if not setting.required
+        if setting.required is not True
     }
     return flask_settings | unset
 
@@ -295,12 +341,18 @@ def from_environment(environ: Mapping[str, str], *, development: bool, instance_
     for name, setting in ENVIRONMENT.items():
         if name in env:
             settings[setting.key] = setting.parse(name, env[name])
-        elif not setting.required:
+        elif setting.required is not True:
             settings[setting.key] = copy.deepcopy(setting.default)
     if development:
         _fill_in_development_defaults(settings, env, instance_path)
     missing = [
-        name for name, setting in ENVIRONMENT.items() if setting.required and setting.key not in settings
+        name
+        for name, setting in ENVIRONMENT.items()
+        # Development fills in every always-required value; the conditional ones (IRIS_PUBLIC_URL,
+        # MAIL_SERVER) have development fallbacks of their own (a local address, the console).
+        if (setting.required is True or not development)
+        and setting.required_by(settings)
+        and settings.get(setting.key) is None
     ]
     if missing:
         raise ConfigError(
@@ -320,6 +372,9 @@ def _fill_in_development_defaults(
     settings.setdefault("SQLALCHEMY_DATABASE_URI", "sqlite:///" + os.path.join(instance_path, "iris.sqlite3"))
     # A fresh key per start: development sessions and CSRF tokens do not survive a restart.
     settings.setdefault("SECRET_KEY", secrets.token_hex(32))
+    # Links in console mails (no MAIL_SERVER: see iris.mail) point at `make run`'s default address.
+    if settings.get("IRIS_PUBLIC_URL") is None:
+        settings["IRIS_PUBLIC_URL"] = DEV_PUBLIC_URL
     if "CLERK_SECRET_KEY" not in env:
         # No Clerk key: the stand-in, unless CLERK_API_URL names another server.
         settings["CLERK_SECRET_KEY"] = DEV_CLERK_SECRET_KEY

@@ -26,7 +26,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from iris.extensions import db, limiter
-from iris.observability import request_id
+from iris.observability import loggable_path, request_id
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def handle_csrf_error(error: CSRFError) -> Response:
     """A refused form: an HTML 400 ``csrf_failed`` saying what the person can do, and one warning log line
     saying what the operator should check. Nothing the form carried is logged."""
     message, problem = csrf_explanation(error.description or "")
-    log.warning("form refused on %s %s: %s", request.method, request.path, problem)
+    log.warning("form refused on %s %s: %s", request.method, loggable_path(), problem)
     return error_response(400, "csrf_failed", message)
 
 
@@ -390,7 +390,7 @@ def handle_unexpected(error: Exception) -> Response:
     log.error(
         "unhandled error in %s %s (request %s)",
         request.method,
-        request.path,
+        loggable_path(),
         request_id(),
         exc_info=original if isinstance(original, BaseException) else None,
     )

@@ -43,6 +43,11 @@ def register_limit() -> str:
     return current_app.config["RATELIMIT_REGISTER"]
 
 
+def verification_email_limit() -> str:
+    """The limit shared by every way to ask for a new verification mail, from RATELIMIT_VERIFICATION_EMAIL."""
+    return current_app.config["RATELIMIT_VERIFICATION_EMAIL"]
+
+
 # Per client IP (request.remote_addr, which ProxyFix corrects behind trusted proxies). Storage and switches
 # come from the app config (RATELIMIT_STORAGE_URI, RATELIMIT_ENABLED, ...). The limits are read from the
 # config on each request: Flask-Limiter would otherwise keep the first app's defaults for every later app.

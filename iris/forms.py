@@ -2,10 +2,21 @@
 field errors the views put back on the matching form field, so no rule is written twice."""
 
 from flask_wtf import FlaskForm
-from wtforms import EmailField, PasswordField, SelectField
+from wtforms import EmailField, PasswordField, SelectField, SubmitField
 
 
 class SignupForm(FlaskForm):
     email = EmailField("Email address", render_kw={"autocomplete": "email", "spellcheck": "false"})
     password = PasswordField("Password", render_kw={"autocomplete": "new-password"})
     role = SelectField("Account type", choices=[])
+
+
+class VerifyEmailForm(FlaskForm):
+    """The two choices a verification link offers; which button was pressed says which."""
+
+    confirm = SubmitField("Yes, this is my account")
+    remove = SubmitField("I did not sign up: remove it")
+
+
+class NewLinkForm(FlaskForm):
+    email = EmailField("Email address", render_kw={"autocomplete": "email", "spellcheck": "false"})

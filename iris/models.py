@@ -83,6 +83,9 @@ class User(BaseModel):
     # to settle it. Both are NULL on a complete account.
     pending_owner: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
     pending_until: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    # When the owner proved the email is theirs (iris.verification); NULL: not confirmed yet. With
+    # IRIS_EMAIL_VERIFICATION=off it is set when the registration completes.
+    email_verified_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
     @orm.validates("email")
     def _normalise_email(self, key: str, value: str) -> str:
@@ -95,9 +98,30 @@ class User(BaseModel):
             "email": self.email,
             "clerk_user_id": self.clerk_user_id,
             "role": self.role,
+            "email_verified": self.email_verified_at is not None,
             "created_at": local_isoformat(self.created_at, timezone),
             "updated_at": local_isoformat(self.updated_at, timezone),
         }
+
+
+class MailOutbox(db.Model):
+    """A mail Iris owes someone (iris.mail): written in the transaction that makes it due, sent after the
+    commit, retried by ``flask iris reconcile`` until sent or ``attempts`` reaches its bound.
+
+    Holds who and what only: no link, no token, no password. The link is made when the mail is sent.
+    """
+
+    __tablename__ = "mail_outbox"
+    __table_args__ = (sa.Index("ix_mail_outbox_to_address_created_at", "to_address", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, sa.ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(sa.String(40))
+    to_address: Mapped[str] = mapped_column(sa.String(320))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    sent_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(sa.String(200))
 
 
 def normalise_email(value: str) -> str:

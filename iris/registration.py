@@ -10,6 +10,11 @@
   then fails, the Clerk user is deleted before the error is raised. One case cannot know whether it failed:
   the database lost during the completing COMMIT itself. Then the Clerk user is kept and the answer is 503;
   the row is either complete already or pending, and ``reconcile`` completes it.
+- **Unverified until proven** (IRIS_EMAIL_VERIFICATION=required). Before the account completes, its Clerk
+  address is marked unverified (``iris.verification``); a refusal or a lost answer there is a failure after
+  the create, undone like any other ("Nothing on failure"). The completing transaction also commits the
+  verification mail's outbox row, and the mail is sent after that commit (``iris.mail``: not lost). With
+  verification off the account completes as confirmed (``email_verified_at`` set) and no mail is sent.
 - **No stuck email.** A crash between Clerk's answer and the local commit leaves a *pending* row
   (``clerk_user_id`` NULL) whose id is the Clerk user's ``external_id``. Once its lease has run out, the
   next registration of that email undoes it (deletes the Clerk user found by external_id, then the row)
@@ -52,7 +57,7 @@ import email_validator
 import sqlalchemy as sa
 from flask import current_app
 
-from iris import clerk
+from iris import clerk, mail, verification
 from iris.errors import (
     DATABASE_UNREACHABLE,
     AuthProviderError,
@@ -94,10 +99,23 @@ def register(email: object, password: object, role: object = DEFAULT_ROLE) -> Us
     that the next attempt or ``reconcile`` settles).
     """
     email, role = _validate(email, password, role)
-    lease = _reserve(email, role)
-    clerk_user_id = _create_at_clerk(lease, email, cast(str, password))
     try:
-        return _complete(lease, clerk_user_id)
+        lease = _reserve(email, role)
+    except RegistrationInProgress:
+        raise
+    except EmailTaken:
+        verification.request_mail(email, verification.VERIFY_AGAIN)  # only if held by an unconfirmed account
+        raise
+    clerk_user = _create_at_clerk(lease, email, cast(str, password))
+    clerk_user_id = clerk_user["id"]
+    try:
+        verification.unverify_at_clerk(clerk_user)
+    except IrisError:
+        log.warning("registration %s: Clerk's address could not be marked unverified; undoing", lease.user_id)
+        _undo(lease, [clerk_user_id])
+        raise
+    try:
+        user, outbox_id = _complete(lease, clerk_user_id)
     except (CompletionUnknown, LeaseLost):
         # CompletionUnknown (the one case "Nothing on failure" cannot know): the COMMIT may have landed, so
         # the row may already point at the Clerk user, and deleting that user could leave a complete row with
@@ -114,6 +132,10 @@ def register(email: object, password: object, role: object = DEFAULT_ROLE) -> Us
         )
         _undo(lease, [clerk_user_id])
         raise
+    if outbox_id is not None:
+        # After the commit: if sending fails, the outbox row waits for reconcile.
+        mail.send(outbox_id, verification.compose)
+    return user
 
 
 def reconcile(now: datetime | None = None) -> dict[str, int]:
@@ -167,7 +189,12 @@ def settle(user_id: uuid.UUID, *, adopt: bool, now: datetime | None = None) -> O
         return "failed"
     if adopt and matches:
         try:
-            _complete(lease, matches[0]["id"])
+            verification.unverify_at_clerk(matches[0])
+        except IrisError:
+            _expire(lease)  # the PATCH is idempotent: a late one changes nothing
+            return "failed"
+        try:
+            _complete(lease, matches[0]["id"])  # its mail is sent by reconcile's outbox pass
         except IrisError:
             return "failed"
         log.info("registration %s completed with the Clerk user that carries its id", user_id)
@@ -248,8 +275,8 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
     return _reserve(email, role, retry=False)
 
 
-def _create_at_clerk(lease: Lease, email: str, password: str) -> str:
-    """Create the Clerk user for ``lease``'s row and return its id, or settle what can be settled and raise.
+def _create_at_clerk(lease: Lease, email: str, password: str) -> dict[str, Any]:
+    """Create the Clerk user for ``lease``'s row and return it, or settle what can be settled and raise.
 
     Side effects on failure: a definite refusal deletes the pending row; a lost answer keeps it (leased until
     the create can no longer land) unless a lookup finds the user, which is then returned as if created
@@ -279,7 +306,7 @@ def _create_at_clerk(lease: Lease, email: str, password: str) -> str:
                 log.info(
                     "registration %s: Clerk's answer was lost, but it had created the user", lease.user_id
                 )
-                return matches[0]["id"]
+                return matches[0]
             if matches is None or clerk.may_still_land(error):
                 error.retry_after = _hold(lease)
                 log.warning(
@@ -290,7 +317,7 @@ def _create_at_clerk(lease: Lease, email: str, password: str) -> str:
             else:
                 _release(lease)  # Clerk's handling is over and it holds no user for the row
             raise
-        return clerk_user_id
+        return cast(dict[str, Any], clerk_user)
 
 
 def _find_at_clerk(user_id: uuid.UUID) -> list[dict[str, Any]] | None:
@@ -340,13 +367,16 @@ def _our_id(external_id: object) -> uuid.UUID | None:
         return None
 
 
-def _complete(lease: Lease, clerk_user_id: str) -> User:
-    """Record Clerk's user id on the leased pending row and commit; return the complete account.
+def _complete(lease: Lease, clerk_user_id: str) -> tuple[User, uuid.UUID | None]:
+    """Record Clerk's user id on the leased pending row and commit; return the complete account and the id
+    of its verification mail's outbox row (None with verification off: the account is confirmed instead).
 
-    One statement (UPDATE ... RETURNING) and one commit: the returned account is detached before the commit,
-    so reading it afterwards needs no second round trip. Raises ``LeaseLost`` when the row is no longer
-    this lease's (claimed by a settler, or gone), ``CompletionUnknown`` when the COMMIT's fate is unknown.
+    One UPDATE ... RETURNING (and the outbox row) in one commit: the returned account is detached before
+    the commit, so reading it afterwards needs no second round trip. Raises ``LeaseLost`` when the row is no
+    longer this lease's (claimed by a settler, or gone), ``CompletionUnknown`` when the COMMIT's fate is
+    unknown.
     """
+    confirmed = {} if verification.required() else {"email_verified_at": datetime.now(UTC)}
     with _database():
         user = db.session.execute(
             sa.update(User)
@@ -356,20 +386,22 @@ def _complete(lease: Lease, clerk_user_id: str) -> User:
                 User.clerk_user_id.is_(None),
                 User.deleted_at.is_(None),
             )
-            .values(clerk_user_id=clerk_user_id, pending_owner=None, pending_until=None)
+            .values(clerk_user_id=clerk_user_id, pending_owner=None, pending_until=None, **confirmed)
             .returning(User)
         ).scalar_one_or_none()
         if user is None:
             db.session.rollback()
             log.warning("registration %s: the pending row is no longer ours to complete", lease.user_id)
             raise LeaseLost()
+        outbox_id = mail.queue(user, verification.VERIFY) if verification.required() else None
+        db.session.flush()
         db.session.expunge(user)
     try:
         db.session.commit()
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
         raise CompletionUnknown() from error
-    return user
+    return user, outbox_id
 
 
 def _undo(lease: Lease, clerk_user_ids: list[str]) -> bool:

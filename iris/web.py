@@ -14,10 +14,10 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from flask import Blueprint, current_app, g, redirect, render_template, session, url_for
 from sqlalchemy.exc import SQLAlchemyError
 
-from iris import auth, registration
+from iris import auth, registration, verification
 from iris.errors import EmailTaken, IrisError, ValidationFailed
-from iris.extensions import db, limiter, register_limit
-from iris.forms import SignupForm
+from iris.extensions import db, limiter, register_limit, verification_email_limit
+from iris.forms import NewLinkForm, SignupForm, VerifyEmailForm
 from iris.models import DEFAULT_ROLE, RESTAURANT, User
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,42 @@ def signup_done():
     email = session.pop("signed_up_email", None)
     if email is None:
         return redirect(url_for("web.signup"))
-    return render_template("signup_done.html", email=email)
+    return render_template("signup_done.html", email=email, verification_required=verification.required())
+
+
+# HTTP status of the verification page for each state of its link.
+LINK_STATUS = {"open": 200, "confirmed": 200, "removed": 200, "expired": 410, "invalid": 404}
+
+
+@bp.route("/verify-email/<token>", methods=["GET", "POST"])
+def verify_email(token: str):
+    """The link from a verification mail. GET only says what the two buttons do and changes nothing (a link
+    scanner may open it); a POST (CSRF-checked) confirms the address or removes the account
+    (``iris.verification``). Clerk failing is the 503 error page, with nothing changed. An expired, used or
+    tampered link gets a page saying so, with a form to ask for a new mail. The token never reaches a log
+    (``iris.observability.loggable_path``)."""
+    form = VerifyEmailForm()
+    acted = False
+    if form.validate_on_submit():
+        state = verification.remove(token) if form.remove.data else verification.confirm(token)
+        acted = True
+    else:
+        state, _ = verification.look_up(token)
+    return render_template(
+        "verify_email.html", state=state, acted=acted, form=form, new_link_form=NewLinkForm()
+    ), LINK_STATUS[state]
+
+
+@bp.route("/verify-email", methods=["GET", "POST"])
+@limiter.shared_limit(verification_email_limit, scope="verification_email", methods=["POST"])
+def new_verification_link():
+    """Ask for a new verification mail. The answer is the same whatever the address (it never says whether an
+    account has it); only an unconfirmed account's address gets a mail, at most one per few minutes."""
+    form = NewLinkForm()
+    if form.validate_on_submit():
+        verification.request_mail(form.email.data or "")
+        return render_template("new_link_sent.html")
+    return render_template("new_link.html", form=form)
 
 
 @bp.get("/account")

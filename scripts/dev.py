@@ -67,15 +67,16 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _stop)
     servers: dict[str, subprocess.Popen] = {}
     try:
-        _development_environment(standin_url)
-        database, clerk_url = _migrate()
+        _development_environment(f"http://{HOST}:{args.port}", standin_url)
+        database, clerk_url, mail_server = _migrate()
         # The stand-in's sign-in page sends people back only to the app's own origin (its --azp).
         standin_options = ["--azp", f"http://{HOST}:{args.port}", *args.standin_args]
         servers["the stand-in"] = _start_standin(args.standin_port, standin_options)
         app_command = [sys.executable, str(Path(__file__).resolve()), "--serve-app", "--port", str(args.port)]
         servers["the app"] = _spawn(app_command)
         _watch(servers, parent, ready=lambda: _listening(args.port) and _listening(args.standin_port))
-        print(_banner(f"http://{HOST}:{args.port}", clerk_url, standin_url, database), flush=True)
+        banner = _banner(f"http://{HOST}:{args.port}", clerk_url, standin_url, database, mail_server)
+        print(banner, flush=True)
         _watch(servers, parent)
     except Stop:
         return 0
@@ -106,19 +107,21 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise Stop(signum)
 
 
-def _development_environment(standin_url: str) -> None:
-    """FLASK_DEBUG=1 and .env for this process and both servers; the stand-in as Clerk unless configured."""
+def _development_environment(app_url: str, standin_url: str) -> None:
+    """FLASK_DEBUG=1 and .env for this process and both servers; the stand-in as Clerk unless configured;
+    links in mails pointing at this app (IRIS_PUBLIC_URL) unless configured."""
     from flask.cli import load_dotenv
 
     load_dotenv()  # as `flask` does: .env and .flaskenv, never overriding the environment
     os.environ["FLASK_DEBUG"] = "1"
+    os.environ.setdefault("IRIS_PUBLIC_URL", app_url)
     if "CLERK_SECRET_KEY" not in os.environ and "CLERK_API_URL" not in os.environ:
         os.environ["CLERK_API_URL"] = standin_url
 
 
-def _migrate() -> tuple[str, str]:
+def _migrate() -> tuple[str, str, str | None]:
     """Bring the database to the newest migration, as ``flask db upgrade`` does; return the database URL
-    (password hidden) and the Clerk API URL the app will use."""
+    (password hidden), the Clerk API URL and the MAIL_SERVER (None: the console) the app will use."""
     import flask_migrate
     import sqlalchemy as sa
 
@@ -135,7 +138,7 @@ def _migrate() -> tuple[str, str]:
     with app.app_context():
         flask_migrate.upgrade()
     database = sa.make_url(app.config["SQLALCHEMY_DATABASE_URI"]).render_as_string(hide_password=True)
-    return database, app.config["CLERK_API_URL"]
+    return database, app.config["CLERK_API_URL"], app.config.get("MAIL_SERVER")
 
 
 def _spawn(command: list[str], **options: Any) -> subprocess.Popen:
@@ -202,7 +205,11 @@ def _stop_all(servers: dict[str, subprocess.Popen]) -> None:
             server.wait()
 
 
-def _banner(app_url: str, clerk_url: str, standin_url: str, database: str) -> str:
+def _banner(app_url: str, clerk_url: str, standin_url: str, database: str, mail_server: str | None) -> str:
+    if mail_server:
+        mail = f"{mail_server}  SMTP from your environment"
+    else:
+        mail = "printed on this console, link included (no MAIL_SERVER)"
     if clerk_url == standin_url:
         clerk = f"{standin_url}  the local Clerk stand-in (no Clerk account needed)"
     else:
@@ -213,7 +220,7 @@ def _banner(app_url: str, clerk_url: str, standin_url: str, database: str) -> st
             f"Iris is running on {app_url}  (API docs: {app_url}/docs)",
             f"  clerk     {clerk}",
             f"  database  {database}",
-            "  mail      none: Iris sends no mail yet",
+            f"  mail      {mail}",
             "Ctrl-C stops both. One line per request follows.",
             "",
         ]

@@ -84,3 +84,13 @@ def client(app: Flask):
 @pytest.fixture
 def runner(app: Flask):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def smtp() -> Iterator:
+    """A real SMTP server (aiosmtpd) on a free loopback port: ``.port``, and ``.messages`` received
+    (``email.message.EmailMessage``). See tests.helpers.smtp_server."""
+    from tests.helpers import smtp_server
+
+    with smtp_server() as received:
+        yield received

@@ -34,6 +34,10 @@ TEST_DATABASE_URL = database_uri(
     os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 )
 PASSWORD = "correct horse battery staple"
+# The keys of the user JSON, as the API contract gives them.
+USER_JSON_FIELDS = frozenset(
+    {"id", "email", "email_verified", "clerk_user_id", "role", "created_at", "updated_at"}
+)
 URL = "/api/v1/auth/register"
 ME = "/api/v1/users/me"
 # Read-only, so no test can change the headers another test sends.
@@ -67,6 +71,8 @@ def make_test_app(schema: str, clerk_api_url: str, **overrides: Any) -> Flask:
         "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
         # Short timeouts keep the hang tests quick; production uses iris.clerk.DEFAULT_TIMEOUT.
         "CLERK_TIMEOUT": (1.0, 1.5),
+        # Links in mails; no MAIL_SERVER: mails go to the console unless a test gives its SMTP server.
+        "IRIS_PUBLIC_URL": "https://iris.test",
         # Every test client is 127.0.0.1; the rate-limit tests switch limits back on.
         "RATELIMIT_ENABLED": False,
     }
@@ -270,3 +276,42 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
             return
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+# ---- mail
+
+
+@contextmanager
+def smtp_server(port: int | None = None) -> Iterator[Any]:
+    """A real SMTP server on ``port`` (default: a free loopback port). Yields a ``Mailbox``: ``.port``,
+    ``.messages`` and ``.raw`` (each message's bytes as received)."""
+    import email
+    import email.policy
+
+    from aiosmtpd.controller import Controller
+
+    class Mailbox:
+        def __init__(self) -> None:
+            self.messages: list[Any] = []
+            self.raw: list[bytes] = []
+            self.port = port or free_port()
+
+        async def handle_DATA(self, server, session, envelope) -> str:
+            self.raw.append(envelope.original_content or envelope.content)
+            self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+            return "250 OK"
+
+    mailbox = Mailbox()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=mailbox.port)
+    controller.start()
+    try:
+        yield mailbox
+    finally:
+        controller.stop()
+
+
+def link_in(message: Any) -> str:
+    """The verification link's path in a received mail's plain text part."""
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    [link] = [word for word in text.split() if "/verify-email/" in word]
+    return link.split("https://iris.test", 1)[1]

@@ -67,6 +67,9 @@ def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
     env.update(
         DATABASE_URL=url.render_as_string(hide_password=False),
         FLASK_SECRET_KEY="test",
+        IRIS_PUBLIC_URL="https://iris.test",
+        MAIL_SERVER="127.0.0.1",
+        MAIL_PORT="1",  # nothing listens: mails stay in the outbox unless a test passes its own server
         CLERK_SECRET_KEY=standin.secret_key,
         CLERK_API_URL=standin.base_url,
         GUNICORN_BIND="127.0.0.1:0",

@@ -34,10 +34,12 @@ def users(app: Flask, *args: str) -> Result:
 
 @pytest.fixture
 def accounts(app: Flask, client) -> Flask:
-    """Four accounts, oldest first: an active one, a deleted one, a pending registration, an active admin;
-    created at fixed instants (UTC) so the order and the local times are known."""
+    """Five accounts, oldest first: an active one, a deleted one, a pending registration, an unconfirmed one
+    (its email address not confirmed yet), an active admin; created at fixed instants (UTC) so the order and
+    the local times are known."""
     register(client, "first@bistro.example")
     register(client, "gone@bistro.example")
+    register(client, "new@bistro.example")
     register(client, "boss@iris.example")
     execute(
         app,
@@ -48,11 +50,13 @@ def accounts(app: Flask, client) -> Flask:
         "first@bistro.example": "2026-01-15 12:00:00+00",
         "gone@bistro.example": "2026-03-29 00:30:00+00",  # 01:30 in Stockholm, before the clocks go forward
         "half@bistro.example": "2026-07-01 09:15:00+00",
+        "new@bistro.example": "2026-09-10 08:00:00+00",
         "boss@iris.example": "2026-11-26 12:15:00+00",
     }
     for email, moment in created.items():
         execute(app, "UPDATE users SET created_at = :moment WHERE email = :email", moment=moment, email=email)
     execute(app, "UPDATE users SET role = 'admin' WHERE email = 'boss@iris.example'")
+    execute(app, "UPDATE users SET email_verified_at = now() WHERE email <> 'new@bistro.example'")
     execute(
         app,
         "UPDATE users SET deleted_at = '2026-04-01 10:00:00+00' WHERE email = 'gone@bistro.example'",
@@ -74,10 +78,11 @@ def test_users_lists_live_accounts_newest_first_in_the_configured_zone(accounts)
     assert lines[0].split() == ["email", "role", "status", "created", "(Europe/Stockholm)", "deleted"]
     assert [[cell.strip() for cell in row] for row in table(result)] == [
         ["boss@iris.example", "admin", "active", "2026-11-26 13:15", "-"],
+        ["new@bistro.example", "restaurant", "unconfirmed", "2026-09-10 10:00", "-"],
         ["half@bistro.example", "restaurant", "pending", "2026-07-01 11:15", "-"],
         ["first@bistro.example", "restaurant", "active", "2026-01-15 13:00", "-"],
     ]
-    assert lines[-1] == "3 accounts"
+    assert lines[-1] == "4 accounts"
     # Aligned: every row starts its columns where the header does.
     starts = [lines[0].index("role"), lines[0].index("status")]
     for line in lines[1:-1]:
@@ -87,6 +92,7 @@ def test_users_lists_live_accounts_newest_first_in_the_configured_zone(accounts)
 
 def test_users_filters_by_email_part_role_and_deleted(accounts):
     assert [row[0] for row in table(users(accounts, "--email", "BISTRO"))] == [
+        "new@bistro.example",
         "half@bistro.example",
         "first@bistro.example",
     ]
@@ -100,6 +106,7 @@ def test_users_filters_by_email_part_role_and_deleted(accounts):
 
     everyone = users(accounts, "--all", "--email", "bistro", "--role", "restaurant")
     assert [row[0] for row in table(everyone)] == [
+        "new@bistro.example",
         "half@bistro.example",
         "gone@bistro.example",
         "first@bistro.example",
@@ -118,10 +125,12 @@ def test_users_shows_times_in_iris_timezone(make_app, client, accounts):
     assert table(result)[0][3].strip() == "2026-11-26 07:15"
 
 
-def test_users_help_says_what_status_means_and_that_emails_are_not_confirmed_yet(runner):
+def test_users_help_says_what_status_means(runner):
     text = runner.invoke(args=["iris", "users", "--help"]).output
     assert '"pending" (a registration still in flight' in " ".join(text.split())
-    assert "Iris does not verify email addresses yet" in " ".join(text.split())
+    assert '"unconfirmed" (a complete account whose email address is not confirmed yet)' in " ".join(
+        text.split()
+    )
 
 
 def test_an_unknown_role_is_refused_by_click_with_exit_2(runner):
@@ -184,7 +193,8 @@ def flask_command(*args: str, **environ: str) -> subprocess.CompletedProcess:
 
 
 MISSING = (
-    "Iris cannot start: missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY."
+    "Iris cannot start: missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY,"
+    " IRIS_PUBLIC_URL, MAIL_SERVER."
 )
 
 

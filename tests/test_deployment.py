@@ -67,6 +67,8 @@ def effective_config(**variables: str) -> tuple[subprocess.CompletedProcess[str]
     env.update(
         DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",  # read, never connected to
         FLASK_SECRET_KEY="test",
+        IRIS_PUBLIC_URL="https://iris.test",
+        MAIL_SERVER="127.0.0.1",
         CLERK_SECRET_KEY="sk_test_unused",
         **variables,
     )

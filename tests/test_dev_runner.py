@@ -145,7 +145,9 @@ def test_make_run_prints_one_plain_banner_and_one_plain_line_per_request(make_ru
     assert out.count(BANNER) == 1
     assert f"{BANNER} {base}  (API docs: {base}/docs)" in out
     assert f"clerk     http://127.0.0.1:{standin_port}  the local Clerk stand-in" in out
-    assert "mail      none: Iris sends no mail yet" in out
+    assert "mail      printed on this console, link included (no MAIL_SERVER)" in out
+    # The verification mail, printed with a link to this app's own port.
+    wait_for(lambda: f"{base}/verify-email/" in make_run.stdout(), timeout=10)
     assert "Ctrl-C stops both." in out
     assert "scripts/dev.py" not in out  # make does not echo its recipe
 

@@ -1,22 +1,30 @@
 """Configuration and the app factory."""
 
+from types import MappingProxyType
+
 import pytest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from iris import config, create_app
 
+# What verification (on by default) needs outside development.
+MAIL = MappingProxyType({"IRIS_PUBLIC_URL": "https://iris.example/", "MAIL_SERVER": "smtp.example"})
+
 
 def test_outside_development_every_missing_variable_is_named_at_once(tmp_path):
     with pytest.raises(config.ConfigError) as raised:
         config.from_environment({}, development=False, instance_path=str(tmp_path))
-    assert "missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY." in str(
-        raised.value
+    assert (
+        "missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY, IRIS_PUBLIC_URL,"
+        " MAIL_SERVER." in str(raised.value)
     )
 
 
 def test_blank_values_count_as_missing(tmp_path):
     environ = {"DATABASE_URL": "  ", "FLASK_SECRET_KEY": "s3cret", "CLERK_SECRET_KEY": "sk_live_x"}
-    with pytest.raises(config.ConfigError, match=r"configuration DATABASE_URL\."):
+    with pytest.raises(
+        config.ConfigError, match=r"configuration DATABASE_URL, IRIS_PUBLIC_URL, MAIL_SERVER\."
+    ):
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
 
 
@@ -65,6 +73,7 @@ def test_lists_and_numbers_are_parsed(tmp_path):
         "IRIS_SIGNUP_ROLES": " restaurant ,",
         "CLERK_AUTHORIZED_PARTIES": "https://a.example,https://b.example",
         "IRIS_PROXY_HOPS": "2",
+        **MAIL,
     }
     settings = config.from_environment(environ, development=False, instance_path=str(tmp_path))
     assert settings["IRIS_SIGNUP_ROLES"] == ["restaurant"]
@@ -160,6 +169,7 @@ def test_flask_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FLASK_SECRET_KEY", "from-env")
     monkeypatch.setenv("CLERK_SECRET_KEY", "sk_x")
     monkeypatch.setenv("FLASK_MAX_CONTENT_LENGTH", "1234")
+    monkeypatch.setenv("IRIS_EMAIL_VERIFICATION", "off")
     app = create_app()
     assert app.config["SECRET_KEY"] == "from-env"
     assert app.config["MAX_CONTENT_LENGTH"] == 1234
@@ -178,7 +188,7 @@ def test_proxy_fix_only_with_trusted_hops(make_app, hops):
     ("name", "default"), [("IRIS_DB_STATEMENT_TIMEOUT_MS", 5000), ("IRIS_PENDING_TIMEOUT_SECONDS", 120)]
 )
 def test_timeouts_have_defaults_and_are_read_from_the_environment(tmp_path, name, default):
-    base = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x"}
+    base = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x", **MAIL}
     settings = config.from_environment(base, development=False, instance_path=str(tmp_path))
     assert settings[name] == default
     settings = config.from_environment({**base, name: " 25 "}, development=False, instance_path=str(tmp_path))
@@ -206,3 +216,17 @@ def test_the_direct_engine_for_migrations_carries_no_statement_timeout():
     engine = config.direct_engine("postgresql://u@db.example/iris")
     assert config.STATEMENT_TIMEOUT_OPTION not in engine.get_execution_options()
     engine.dispose()
+
+
+def test_verification_required_needs_a_public_url_and_a_mail_server_outside_development(tmp_path):
+    base = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x"}
+    with pytest.raises(config.ConfigError, match=r"configuration IRIS_PUBLIC_URL, MAIL_SERVER\. Set them"):
+        config.from_environment(base, development=False, instance_path=str(tmp_path))
+    off = {**base, "IRIS_EMAIL_VERIFICATION": "off"}
+    assert config.from_environment(off, development=False, instance_path=str(tmp_path))["MAIL_SERVER"] is None
+    settings = config.from_environment({**base, **MAIL}, development=False, instance_path=str(tmp_path))
+    assert settings["IRIS_PUBLIC_URL"] == "https://iris.example"
+    assert settings["IRIS_UNVERIFIED_TTL_HOURS"] == 168
+    development = config.from_environment(base, development=True, instance_path=str(tmp_path))
+    assert development["MAIL_SERVER"] is None  # mails go to the console
+    assert development["IRIS_PUBLIC_URL"] == config.DEV_PUBLIC_URL

@@ -16,23 +16,34 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from playwright.sync_api import Page
 
 from iris import errors
-from tests.browsers import BrowserSite, accounts, browser_site, other_site, screenshot
-from tests.helpers import PASSWORD, clerk_users
-from tests.servers import migrated_schema
+from tests.browsers import BrowserSite, accounts, chromium, other_site, require_chromium, screenshot
+from tests.helpers import PASSWORD, clerk_users, link_in, smtp_server
+from tests.servers import app_environment, behind_nginx, migrated_schema
+
+
+@dataclass
+class MailingSite(BrowserSite):
+    """The production stack mailing to a real SMTP server (aiosmtpd) run by the test: ``mailbox.messages``."""
+
+    mailbox: Any = None
 
 
 @dataclass
 class FormPage:
     """A page with a form: ``path`` makes the URL path to open (a rule with variables needs e.g. a token
-    made for the test), ``fill`` fills the form in as a person would, with values the app accepts."""
+    made for the test), ``fill`` fills the form in as a person would, with values the app accepts, and
+    ``button`` is the name of the submit button to press (None: the page's only one)."""
 
-    path: Callable[[BrowserSite], str]
+    path: Callable[[MailingSite], str]
     fill: Callable[[Page], None]
+    button: str | None = None
 
 
 def fill_signup(page: Page) -> None:
@@ -40,19 +51,62 @@ def fill_signup(page: Page) -> None:
     page.get_by_label("Password").fill(PASSWORD)
 
 
+def fill_new_link(page: Page) -> None:
+    page.get_by_label("Email address").fill(f"harness-{uuid.uuid4().hex[:8]}@bistro.example")
+
+
+def fill_nothing(page: Page) -> None:
+    pass
+
+
+def registered_in_the_browser(web: MailingSite) -> tuple[str, str]:
+    """A new account made on the sign-up page of the stack: its email and the path of the link the stack
+    mailed to it (the link itself is on the stack's IRIS_PUBLIC_URL, https://iris.test)."""
+    email = f"link-{uuid.uuid4().hex[:8]}@bistro.example"
+    context = web.browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(web.url + "/signup")
+        page.get_by_label("Email address").fill(email)
+        page.get_by_label("Password").fill(PASSWORD)
+        with page.expect_response(lambda response: response.request.method == "POST") as posted:
+            page.get_by_role("button", name="Create account").click()
+        assert posted.value.status == 303, page.content()
+    finally:
+        context.close()
+    # The stack sends the mail after the commit and before it answers: it has arrived by now.
+    [message] = [message for message in web.mailbox.messages if message["To"] == email]
+    return email, link_in(message)
+
+
+def an_open_link(web: MailingSite) -> str:
+    return registered_in_the_browser(web)[1]
+
+
+CONFIRM = "Yes, this is my account"
+REMOVE = "I did not sign up: remove it"
+
+
 # Every URL rule outside /api/ that accepts a CSRF-checked method, by rule.
 FORM_PAGES: Mapping[str, FormPage] = MappingProxyType(
     {
         "/signup": FormPage(path=lambda web: "/signup", fill=fill_signup),
+        "/verify-email": FormPage(path=lambda web: "/verify-email", fill=fill_new_link),
+        "/verify-email/<token>": FormPage(path=an_open_link, fill=fill_nothing, button=CONFIRM),
     }
 )
 
 
 @pytest.fixture(scope="module")
-def web(admin_engine, standin_server, tmp_path_factory) -> Iterator[BrowserSite]:
+def web(admin_engine, standin_server, tmp_path_factory) -> Iterator[MailingSite]:
+    """tests.browsers.browser_site, with the stack mailing to an SMTP server of the test's own."""
     directory = tmp_path_factory.mktemp("forms")
-    with migrated_schema(admin_engine) as schema, browser_site(directory, schema, standin_server) as web:
-        yield web
+    require_chromium()
+    with migrated_schema(admin_engine) as schema, smtp_server() as mailbox:
+        env = app_environment(schema, standin_server, IRIS_PROXY_HOPS="1")
+        env["MAIL_PORT"] = str(mailbox.port)
+        with behind_nginx(directory, env) as site, chromium(site.certificate) as browser:
+            yield MailingSite(site, schema, browser, mailbox)
 
 
 @pytest.fixture
@@ -88,8 +142,12 @@ def test_each_form_page_is_accepted_over_https_in_the_browser(web, page, rule):
     opened = page.goto(url)
     assert opened is not None and opened.status == 200
     form_page.fill(page)
+    if form_page.button is None:
+        submit = page.locator("form[method=post] [type=submit]")
+    else:
+        submit = page.get_by_role("button", name=form_page.button, exact=True)
     with page.expect_response(lambda response: response.request.method == "POST") as posted:
-        page.locator("form[method=post] [type=submit]").click()
+        submit.click()
     answer = posted.value
     assert answer.request.header_value("referer") == url  # same-origin: the full address
     assert answer.status < 400, page.content()
@@ -148,3 +206,54 @@ def test_over_plain_http_the_page_says_https_is_needed_and_the_log_says_why(web,
     ]
     assert clerk_users(standin) == []
     assert accounts(admin_engine, web.schema, email) == []
+
+
+def account_state(admin_engine: sa.Engine, schema: str, email: str) -> sa.Row:
+    users = sa.table(
+        "users", sa.column("email"), sa.column("email_verified_at"), sa.column("deleted_at"), schema=schema
+    )
+    with admin_engine.connect() as connection:
+        return connection.execute(sa.select(users).where(users.c.email == email)).one()
+
+
+def clerk_users_with(standin, email: str) -> list[dict]:
+    return [user for user in clerk_users(standin) if user["email_addresses"][0]["email_address"] == email]
+
+
+def press(page: Page, button: str) -> int:
+    with page.expect_response(lambda response: response.request.method == "POST") as posted:
+        page.get_by_role("button", name=button, exact=True).click()
+    page.wait_for_load_state()
+    return posted.value.status
+
+
+def test_a_mailed_link_opened_in_the_browser_and_confirmed_confirms_the_account(
+    web, page, admin_engine, standin
+):
+    email, path = registered_in_the_browser(web)
+    opened = page.goto(web.url + path)
+    assert opened is not None and opened.status == 200
+    assert page.get_by_role("heading", level=1).inner_text() == "Is this your account?"
+    assert page.locator("form[method=post] [type=submit]").count() == 2
+    screenshot(page, "verify-email-open.png")
+    assert account_state(admin_engine, web.schema, email).email_verified_at is None  # opening changed nothing
+
+    assert press(page, CONFIRM) == 200, page.content()
+    assert page.get_by_role("heading", level=1).inner_text() == "Your email address is confirmed"
+    screenshot(page, "verify-email-confirmed.png")
+    row = account_state(admin_engine, web.schema, email)
+    assert row.email_verified_at is not None and row.deleted_at is None
+    [user] = clerk_users_with(standin, email)
+    assert user["email_addresses"][0]["verification"]["status"] == "verified"
+
+
+def test_i_did_not_sign_up_pressed_in_the_browser_removes_the_account(web, page, admin_engine, standin):
+    email, path = registered_in_the_browser(web)
+    opened = page.goto(web.url + path)
+    assert opened is not None and opened.status == 200
+    assert press(page, REMOVE) == 200, page.content()
+    assert page.get_by_role("heading", level=1).inner_text() == "This account no longer exists"
+    assert "The account is removed" in page.locator("main .lede").inner_text()
+    screenshot(page, "verify-email-removed.png")
+    assert account_state(admin_engine, web.schema, email).deleted_at is not None
+    assert clerk_users_with(standin, email) == []

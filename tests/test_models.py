@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from iris.extensions import db
 from iris.models import User
+from tests.helpers import USER_JSON_FIELDS
 
 
 def add_user(email="owner@bistro.example", clerk_user_id="user_1", **fields) -> User:
@@ -111,7 +112,8 @@ def test_user_json_has_the_contract_fields(app):
     with app.app_context():
         user = add_user()
         body = user.to_dict("Europe/Stockholm")
-    assert set(body) == {"id", "email", "clerk_user_id", "role", "created_at", "updated_at"}
+    assert set(body) == USER_JSON_FIELDS
+    assert body["email_verified"] is False  # email_verified_at not set yet
     assert uuid.UUID(body["id"]) == user.id
     parsed = datetime.fromisoformat(body["created_at"])
     assert parsed.utcoffset() is not None

@@ -45,7 +45,15 @@ from werkzeug.serving import make_server
 
 from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
 from iris.extensions import db
-from tests.helpers import BAPI_HEADERS, FAILING_TRIGGER, PASSWORD, migrate, register, session_token
+from tests.helpers import (
+    BAPI_HEADERS,
+    FAILING_TRIGGER,
+    PASSWORD,
+    USER_JSON_FIELDS,
+    migrate,
+    register,
+    session_token,
+)
 
 DOCUMENT = openapi_document()
 DOCUMENT_URI = "urn:iris:openapi"
@@ -54,6 +62,7 @@ REGISTRY = Registry().with_resource(DOCUMENT_URI, Resource(contents=DOCUMENT, sp
 # Tokens outlive the whole schemathesis run (the stand-in's default is Clerk's 60 seconds).
 TOKEN_SECONDS = 600
 REGISTER = ("post", "/api/v1/auth/register")
+VERIFICATION_EMAIL = ("post", "/api/v1/auth/verification-email")
 ME = ("get", "/api/v1/users/me")
 USER = ("get", "/api/v1/users/{user_id}")
 OPENAPI = ("get", "/api/v1/openapi.json")
@@ -64,6 +73,7 @@ READYZ = ("get", "/readyz")
 EXPECTED_STATUSES = MappingProxyType(
     {
         REGISTER: frozenset({201, 400, 409, 413, 415, 422, 429, 500, 502, 503}),
+        VERIFICATION_EMAIL: frozenset({202, 400, 413, 415, 422, 429, 500, 503}),
         ME: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
         USER: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
         OPENAPI: frozenset({200, 429, 500}),
@@ -224,7 +234,8 @@ def test_the_documented_schemas_say_what_design_md_says():
     assert register_request["required"] == ["email", "password"]
     assert register_request["properties"]["role"]["enum"] == ["restaurant"]
     user = schemas["User"]
-    assert set(user["required"]) == {"id", "email", "clerk_user_id", "role", "created_at", "updated_at"}
+    assert set(user["required"]) == USER_JSON_FIELDS
+    assert user["properties"]["email_verified"]["type"] == "boolean"
     assert user["properties"]["role"]["enum"] == ["restaurant", "admin"]
     assert user["properties"]["id"]["format"] == "uuid"
     validate_against("/components/schemas/Timestamp", "2026-11-26T12:01:32.123456+01:00")
@@ -321,6 +332,18 @@ def test_register_503_when_clerk_fails(client, standin, fault):
 def test_register_503_when_the_database_is_down(make_app):
     client = make_app(SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
     assert_conforms(post_register(client), REGISTER, 503)
+
+
+# POST /api/v1/auth/verification-email
+
+
+def test_verification_email_202_and_422(client):
+    response = client.post(VERIFICATION_EMAIL[1], json={"email": "nobody@b.example"})
+    assert_conforms(response, VERIFICATION_EMAIL, 202)
+    assert_conforms(client.post(VERIFICATION_EMAIL[1], json={}), VERIFICATION_EMAIL, 422)
+    # Not an address any account can have (PostgreSQL refuses a NUL in text): the same 202, no 500.
+    odd = client.post(VERIFICATION_EMAIL[1], json={"email": "a\u0000@b.example"})
+    assert_conforms(odd, VERIFICATION_EMAIL, 202)
 
 
 # GET /api/v1/users/me and /api/v1/users/{user_id}

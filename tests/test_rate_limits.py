@@ -91,6 +91,10 @@ def start_gunicorn(schema, standin, storage_uri, prefix):
         "FLASK_SECRET_KEY": "test",
         "CLERK_SECRET_KEY": standin.secret_key,
         "CLERK_API_URL": standin.base_url,
+        # Required in production while verification is on; nothing listens on port 1, so mails stay unsent.
+        "IRIS_PUBLIC_URL": "https://iris.test",
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": "1",
         "RATELIMIT_STORAGE_URI": storage_uri,
         "FLASK_RATELIMIT_REGISTER": "3 per minute",
         "FLASK_RATELIMIT_KEY_PREFIX": prefix,

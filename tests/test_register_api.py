@@ -34,7 +34,8 @@ def test_register_creates_the_clerk_user_and_the_row_pointing_at_each_other(app,
 
     assert response.status_code == 201
     body = response.json
-    assert set(body) == {"id", "email", "clerk_user_id", "role", "created_at", "updated_at"}
+    assert set(body) == {"id", "email", "clerk_user_id", "role", "email_verified", "created_at", "updated_at"}
+    assert body["email_verified"] is False
     assert body["email"] == "owner@bistro.example"
     assert body["role"] == "restaurant"
     assert response.headers["Location"] == f"/api/v1/users/{body['id']}"

@@ -178,7 +178,8 @@ def test_reconcile_holding_a_row_makes_the_next_attempt_wait(app, standin):
     standin.control.release(lookup["id"])
 
     assert reconciling.result() == {"completed": 1, "removed": 0, "failed": 0}
-    assert assert_one_account(app, standin, PASSWORD) == (row_id, clerk_user)
+    settled_id, settled_user = assert_one_account(app, standin, PASSWORD)
+    assert (settled_id, settled_user["id"]) == (row_id, clerk_user["id"])
     assert_error(register(app, OTHER_PASSWORD), 409, "email_taken")
 
 

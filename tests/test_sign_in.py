@@ -242,6 +242,8 @@ def test_outside_development_the_links_are_optional_and_must_be_absolute(tmp_pat
         "DATABASE_URL": "postgresql://db/iris",
         "CLERK_SECRET_KEY": "sk_live_x",
         "FLASK_SECRET_KEY": "k",
+        "IRIS_PUBLIC_URL": "https://accounts.bistro.example",
+        "MAIL_SERVER": "smtp.bistro.example",
     }
     unset = config.from_environment(required, development=False, instance_path=str(tmp_path))
     assert (unset["IRIS_SIGN_IN_URL"], unset["IRIS_SIGN_OUT_URL"]) == (None, None)

@@ -188,6 +188,7 @@ def test_the_session_cookie_is_secure_everywhere_but_the_development_server(
     for name, value in {"DATABASE_URL": f"sqlite:///{tmp_path}/d.db", "FLASK_SECRET_KEY": "k"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CLERK_SECRET_KEY", "sk_test_x")
+    monkeypatch.setenv("IRIS_EMAIL_VERIFICATION", "off")
     assert create_app().config["SESSION_COOKIE_SECURE"] is secure
 
 

@@ -13,7 +13,16 @@ import requests
 import sqlalchemy as sa
 
 from iris.extensions import db
-from tests.helpers import BAPI_HEADERS, ME, PASSWORD, assert_unauthorized, bearer, register, session_token
+from tests.helpers import (
+    BAPI_HEADERS,
+    ME,
+    PASSWORD,
+    USER_JSON_FIELDS,
+    assert_unauthorized,
+    bearer,
+    register,
+    session_token,
+)
 
 
 def execute(app, sql: str, **params) -> None:
@@ -43,7 +52,7 @@ def test_me_is_the_signed_in_users_json(client, standin):
     user = register(client)
     response = client.get(ME, headers=bearer(session_token(standin, user["clerk_user_id"])))
     assert response.status_code == 200
-    assert set(response.json) == {"id", "email", "clerk_user_id", "role", "created_at", "updated_at"}
+    assert set(response.json) == USER_JSON_FIELDS
     assert response.json == user
     # IRIS_TIMEZONE (Europe/Stockholm by default), with the offset in force at the row's own instant.
     created_at = datetime.fromisoformat(response.json["created_at"])
