@@ -5,9 +5,11 @@ nothing in ``iris`` imports it (``tests/test_layout.py`` checks). It serves the 
 ``https://api.clerk.com/v1`` the accounts backend uses, in Clerk's wire format as its API reference and SDKs
 define it:
 
-- ``POST /v1/users``, ``GET /v1/users/{id}``, ``DELETE /v1/users/{id}``, ``GET /v1/users``
-  (filters, paging, ordering; a bare JSON array), ``GET /v1/users/count`` and
-  ``POST /v1/users/{id}/verify_password``;
+- ``POST /v1/users``, ``GET /v1/users/{id}``, ``PATCH /v1/users/{id}``, ``DELETE /v1/users/{id}``,
+  ``GET /v1/users`` (filters, offset or cursor paging, ordering; a bare JSON array),
+  ``GET /v1/users/count``, ``POST /v1/users/{id}/verify_password`` and ``POST /v1/users/{id}/ban`` and
+  ``/unban``;
+- ``GET``, ``PATCH``, ``DELETE /v1/email_addresses/{id}`` and ``POST /v1/email_addresses``;
 - ``POST /v1/sessions`` and ``POST /v1/sessions/{id}/tokens`` (RS256 session tokens with
   Clerk's v2 claims and header);
 - ``GET /v1/jwks``;
@@ -24,13 +26,18 @@ Guarantees:
 - Passwords are validated and kept only as a salted digest, for
   ``POST /v1/users/{id}/verify_password`` and the sign-in page: never stored in clear, echoed or logged.
   Request bodies are never logged.
+- Every change to a user moves its ``updated_at`` strictly forward, and, with a webhook endpoint set,
+  sends ``user.created``, ``user.updated`` or ``user.deleted`` as Clerk does through Svix
+  (``clerk_standin.webhooks``): signed, off the request, in the order of the changes, retried on Svix's
+  schedule.
 - State is in memory and guarded by locks; list ordering is stable for equal timestamps. With a state file
   (``--state-file``) users, password digests and sessions also survive a restart (``clerk_standin.state``).
 
 A control API under ``/__standin`` (no auth) lets tests inject latency (a create delayed past the
 caller's timeout is stored all the same), error statuses, hangs, dropped connections, garbage
 bodies, "commit then fail" answers and requests held until a test releases them, read request and
-connection counts, rotate the signing key, sign arbitrary tokens and mark sessions pending. See
+connection counts, rotate the signing key, sign arbitrary tokens, mark sessions pending, seed thousands of
+users at once, point webhooks somewhere and delay, repeat, drop, reorder or hold them. See
 ``docs/clerk-standin.md``.
 
 The modules, one job each:
@@ -40,11 +47,13 @@ The modules, one job each:
 - ``state``: the state file (users, password digests, sessions), written atomically;
 - ``pages``: the sign-in and sign-out pages' HTML, messages, redirect check and cookie;
 - ``faults``: fault parsing, the faults in force, held requests, the faulty answers;
+- ``webhooks``: the webhook sender (envelope, Svix signing, retries, delivery faults, the delivery log);
 - ``app``: ``ClerkStandin``, the WSGI app (the ``/v1`` routes, the control API, the state);
 - ``server``: werkzeug's threaded server with working HTTP/1.1 keep-alive (``serve()``,
   ``make_server()``, ``StandinServer`` for tests) and ``StandinControl``, the control-API client;
 - ``__main__``: the CLI, ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
-  [--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``.
+  [--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet] [--webhook-url URL
+  --webhook-secret whsec_...] [--webhook-timeout S] [--webhook-retry-scale F]``.
 
 Users import from the package: ``from clerk_standin import StandinServer``.
 """
@@ -62,6 +71,7 @@ from clerk_standin.keys import SigningKey, load_or_create_private_key
 from clerk_standin.pages import SIGN_IN_TOKEN_LIFETIME
 from clerk_standin.server import StandinControl, StandinServer, make_server, serve
 from clerk_standin.state import StateFileError
+from clerk_standin.webhooks import RETRY_SCHEDULE, WebhookSender, new_secret
 from clerk_standin.wire import (
     BREACHED_PASSWORDS,
     DEFAULT_API_VERSION,
@@ -79,6 +89,7 @@ __all__ = [
     "DEFAULT_SECRET_KEY",
     "DEFAULT_TOKEN_LIFETIME",
     "MIN_PASSWORD_LENGTH",
+    "RETRY_SCHEDULE",
     "SESSION_TOKEN_CATEGORY",
     "SIGN_IN_TOKEN_LIFETIME",
     "ClerkAPIError",
@@ -88,8 +99,10 @@ __all__ = [
     "StandinControl",
     "StandinServer",
     "StateFileError",
+    "WebhookSender",
     "load_or_create_private_key",
     "make_server",
+    "new_secret",
     "parse_fault",
     "serve",
 ]

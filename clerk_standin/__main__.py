@@ -1,5 +1,6 @@
 """The stand-in's command line: ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
-[--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet]``. Serves in the foreground
+[--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet] [--webhook-url URL
+--webhook-secret whsec_... [--webhook-timeout S] [--webhook-retry-scale F]]``. Serves in the foreground
 until interrupted. A state file it cannot use stops it at once with one line saying so (exit status 2)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from clerk_standin.app import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, ClerkStandin
 from clerk_standin.server import serve
 from clerk_standin.state import StateFileError
+from clerk_standin.webhooks import DEFAULT_TIMEOUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +34,17 @@ def main(argv: list[str] | None = None) -> int:
         help="azp claim of session tokens; the only origin /sign-in and /sign-out send people back to",
     )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    parser.add_argument("--webhook-url", default=None, help="send Clerk's user.* webhooks (Svix-signed) here")
+    parser.add_argument("--webhook-secret", default=None, help="whsec_... signing secret for --webhook-url")
+    parser.add_argument(
+        "--webhook-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for a 2xx (default 15)"
+    )
+    parser.add_argument(
+        "--webhook-retry-scale", type=float, default=1.0, help="multiplies Svix's retry waits (default 1)"
+    )
     args = parser.parse_args(argv)
+    if args.webhook_url and not args.webhook_secret:
+        parser.error("--webhook-url needs --webhook-secret (whsec_...), the secret the app verifies with")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         app = ClerkStandin(
@@ -41,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             issuer=args.issuer,
             azp=args.azp,
             state_file=args.state_file,
+            webhook_url=args.webhook_url,
+            webhook_secret=args.webhook_secret,
+            webhook_timeout=args.webhook_timeout,
+            webhook_retry_scale=args.webhook_retry_scale,
         )
-    except StateFileError as error:
+    except (StateFileError, ValueError) as error:
         print(f"clerk stand-in cannot start: {error}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):

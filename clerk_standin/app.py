@@ -34,18 +34,22 @@ from clerk_standin import pages
 from clerk_standin.faults import FaultTable, apply_fault
 from clerk_standin.keys import SigningKey, generate_private_key, load_or_create_private_key
 from clerk_standin.state import StandinState, load_state, save_state
+from clerk_standin.webhooks import DEFAULT_TIMEOUT, WebhookSender
 from clerk_standin.wire import (
     DEFAULT_API_VERSION,
     SESSION_TOKEN_CATEGORY,
     STATUS_CODES,
     ClerkAPIError,
+    array_size_exceeded,
     check_password,
     check_password_digest,
     clerk_error,
     error_body,
     identifier_exists,
     is_int,
+    new_email_address,
     new_id,
+    new_user,
     not_found,
     now_ms,
     param_missing,
@@ -54,6 +58,7 @@ from clerk_standin.wire import (
     param_value_invalid,
     password_digest,
     unverified,
+    user_banned,
     verified_by_admin,
 )
 
@@ -89,11 +94,25 @@ CREATE_USER_PARAMS = frozenset(
 )
 # Clerk's Python SDK sends notify_primary_email_address_changed (false) on every update; no email goes out.
 UPDATE_EMAIL_ADDRESS_PARAMS = frozenset({"verified", "primary", "notify_primary_email_address_changed"})
+CREATE_EMAIL_ADDRESS_PARAMS = frozenset(
+    {"user_id", "email_address", "verified", "primary", "notify_primary_email_address_changed"}
+)
+# PATCH /v1/users/{id}: the string fields, plus the SDK's notify flag (sent on every call, ignored).
+UPDATE_USER_STRINGS = ("external_id", "first_name", "last_name", "username", "primary_email_address_id")
+UPDATE_USER_PARAMS = frozenset({*UPDATE_USER_STRINGS, "notify_primary_email_address_changed"})
+# Clerk's list filters take at most this many values each.
+MAX_FILTER_VALUES = 100
+LIST_FILTERS = ("email_address", "external_id", "user_id")
+BULK_USER_KEYS = frozenset(
+    {"email_address", "external_id", "first_name", "last_name", "username", "created_at"}
+)
 CREATE_SESSION_PARAMS = frozenset({"user_id", "active_organization_id"})
 CREATE_TOKEN_PARAMS = frozenset({"expires_in_seconds"})
 # Session statuses a token may be minted for, and the sts claim each gives.
 TOKEN_STATUSES = ("active", "pending")
 ORDER_FIELDS = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
+# Session statuses a ban ends.
+LIVE_STATUSES = ("active", "pending")
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 
@@ -110,10 +129,20 @@ class ClerkStandin:
         state_file: keep users, password digests and sessions in this file (``clerk_standin.state``): loaded
             here (``StateFileError`` when it exists but cannot be used), rewritten after every change.
             None (the default) keeps them in memory only.
+        webhook_url, webhook_secret: send ``user.*`` webhooks there, signed with this ``whsec_`` secret (a new
+            one when None), as Clerk does through Svix (``clerk_standin.webhooks``). Off without a URL; the
+            control API can change both at run time.
+        webhook_timeout: seconds a webhook endpoint has to answer 2xx (Svix: 15).
+        webhook_retry_scale: multiplies the waits of Svix's retry schedule (tests use 0.01).
 
     Thread-safe: all state sits behind ``self.lock``, except the faults, which sit behind their own
-    (``self.faults``, a ``FaultTable``). ``reset()`` returns it to the state it had when constructed
-    (no users, sessions, faults or counts; original signing key), emptying the state file too.
+    (``self.faults``, a ``FaultTable``), and the webhooks (``self.webhooks``, a ``WebhookSender``). Webhook
+    events are emitted while ``self.lock`` is held, so their order is the order of the changes.
+    ``reset()`` returns it to the state it had when constructed (no users, sessions, faults or counts;
+    original signing key and webhook endpoint; no webhook faults or queue), emptying the state file too.
+
+    Every change to a user moves its ``updated_at`` strictly forward (``_touch``), by 1 ms when two
+    changes fall in the same millisecond: Clerk's users are ordered by it.
     """
 
     def __init__(
@@ -125,6 +154,10 @@ class ClerkStandin:
         issuer: str = DEFAULT_ISSUER,
         azp: str = DEFAULT_AZP,
         state_file: str | os.PathLike[str] | None = None,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        webhook_timeout: float = DEFAULT_TIMEOUT,
+        webhook_retry_scale: float = 1.0,
     ):
         if not secret_key:
             raise ValueError("secret_key must not be empty")
@@ -141,7 +174,17 @@ class ClerkStandin:
         self.password_digests: dict[str, bytes] = {}
         self.user_seq: dict[str, int] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
+        # (created_at, seq) of deleted users, so a list cursor naming one still has its place (memory only).
+        self.deleted_positions: dict[str, tuple[int, int]] = {}
         self.faults = FaultTable()
+        # The instance id in webhook envelopes is the original key's kid (Clerk's kid is its instance id).
+        self.webhooks = WebhookSender(
+            webhook_url,
+            webhook_secret,
+            instance_id=self.initial_key.kid,
+            timeout=webhook_timeout,
+            retry_scale=webhook_retry_scale,
+        )
         self.request_counts: Counter[str] = Counter()
         self.connections_accepted = 0
         self.api_connections = 0
@@ -167,10 +210,12 @@ class ClerkStandin:
             return self.keys[0]
 
     def reset(self) -> None:
-        """Drop users, sessions, faults and counts; restore the original signing key. Requests
-        held by a ``hold`` fault go on."""
+        """Drop users, sessions, faults and counts; restore the original signing key and webhook endpoint,
+        dropping webhook faults, queue and log. Requests held by a ``hold`` fault go on."""
         self.faults.reset()
+        self.webhooks.reset()
         with self.lock:
+            self.deleted_positions.clear()
             self.users.clear()
             self.user_seq.clear()
             self.password_digests.clear()
@@ -256,6 +301,47 @@ class ClerkStandin:
             headers["typ"] = None  # PyJWT drops a falsy typ instead of adding "JWT"
         return jwt.encode(claims, key.private_key, algorithm=algorithm, headers=headers)
 
+    def bulk_create_users(
+        self, entries: Any, *, webhooks: bool = False, origin: tuple[str, str] = ("", "")
+    ) -> list[str]:
+        """Create many users at once, for scale tests: full ``User`` objects as ``POST /v1/users`` makes them,
+        without passwords (so no digest to compute). Each entry has ``email_address`` (a string or a list;
+        the first is primary) and optionally ``external_id``, ``first_name``, ``last_name``, ``username``
+        and ``created_at`` (ms; default now). All or nothing: a malformed entry or a taken email, username or
+        external_id raises ValueError naming it, and nothing is created. Sends ``user.created`` for each
+        only when ``webhooks`` is true. Returns the new ids in the order of ``entries``."""
+        if not isinstance(entries, list):
+            raise ValueError("users must be a list")
+        prepared = [_bulk_entry(entry, index) for index, entry in enumerate(entries)]
+        now = now_ms()
+        with self.lock:
+            taken: dict[str, set[str]] = {"email_address": set(), "username": set(), "external_id": set()}
+            for user in self.users.values():
+                taken["email_address"].update(e["email_address"].lower() for e in user["email_addresses"])
+                taken["username"].add((user["username"] or "").lower())
+                taken["external_id"].add(user["external_id"] or "")
+            for index, (emails, fields) in enumerate(prepared):
+                keys = [("email_address", email.lower()) for email in emails]
+                keys += [
+                    ("username", (fields["username"] or "").lower()),
+                    ("external_id", fields["external_id"] or ""),
+                ]
+                for name, key in keys:
+                    if key and key in taken[name]:
+                        raise ValueError(f"users[{index}]: {name} {key!r} is taken")
+                    taken[name].add(key)
+            created = []
+            for emails, fields in prepared:
+                created_at = fields.pop("created_at")
+                user = new_user(emails, now if created_at is None else created_at, **fields)
+                self.users[user["id"]] = user
+                self.user_seq[user["id"]] = next(self._seq)
+                created.append(user["id"])
+                if webhooks:
+                    self._emit("user.created", user, origin)
+        self._save()
+        return created
+
     # ---- WSGI entry point: control API, stats and faults around the Flask app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -312,6 +398,9 @@ class ClerkStandin:
             ("/v1/users/count", "count_users", self.count_users, ["GET"]),
             ("/v1/users/<user_id>", "get_user", self.get_user, ["GET"]),
             ("/v1/users/<user_id>", "delete_user", self.delete_user, ["DELETE"]),
+            ("/v1/users/<user_id>", "update_user", self.update_user, ["PATCH"]),
+            ("/v1/users/<user_id>/ban", "ban_user", self.ban_user, ["POST"]),
+            ("/v1/users/<user_id>/unban", "unban_user", self.unban_user, ["POST"]),
             (
                 "/v1/users/<user_id>/verify_password",
                 "verify_password",
@@ -330,6 +419,13 @@ class ClerkStandin:
                 self.update_email_address,
                 ["PATCH"],
             ),
+            (
+                "/v1/email_addresses/<email_address_id>",
+                "delete_email_address",
+                self.delete_email_address,
+                ["DELETE"],
+            ),
+            ("/v1/email_addresses", "create_email_address", self.create_email_address, ["POST"]),
             ("/v1/sessions", "create_session", self.create_session, ["POST"]),
             ("/v1/sessions/<session_id>/tokens", "create_token", self.create_token, ["POST"]),
             ("/v1/jwks", "jwks", self.jwks, ["GET"]),
@@ -363,6 +459,26 @@ class ClerkStandin:
                 self.c_session_status,
                 ["POST"],
             ),
+            (CONTROL_PREFIX + "/users/bulk", "c_bulk_users", self.c_bulk_users, ["POST"]),
+            (CONTROL_PREFIX + "/webhooks", "c_webhooks", self.c_webhooks, ["GET"]),
+            (CONTROL_PREFIX + "/webhooks", "c_set_webhooks", self.c_set_webhooks, ["PUT"]),
+            (CONTROL_PREFIX + "/webhooks", "c_disable_webhooks", self.c_disable_webhooks, ["DELETE"]),
+            (CONTROL_PREFIX + "/webhooks/faults", "c_add_wh_fault", self.c_add_webhook_fault, ["POST"]),
+            (CONTROL_PREFIX + "/webhooks/faults", "c_wh_faults", self.c_webhook_faults, ["GET"]),
+            (
+                CONTROL_PREFIX + "/webhooks/faults",
+                "c_clear_wh_faults",
+                self.c_clear_webhook_faults,
+                ["DELETE"],
+            ),
+            (
+                CONTROL_PREFIX + "/webhooks/faults/<int:fault_id>/release",
+                "c_release_webhooks",
+                self.c_release_webhooks,
+                ["POST"],
+            ),
+            (CONTROL_PREFIX + "/webhooks/deliveries", "c_wh_log", self.c_webhook_deliveries, ["GET"]),
+            (CONTROL_PREFIX + "/webhooks/wait", "c_wh_wait", self.c_wait_for_webhooks, ["POST"]),
         ]
         for rule, endpoint, view, methods in routes:
             app.add_url_rule(rule, endpoint, view, methods=methods)
@@ -462,17 +578,8 @@ class ClerkStandin:
         emails = [e.strip() for e in (emails or [])]
         if not emails:
             errors.append(param_missing("email_address"))
-        for email in emails:
-            if len(email) > 320 or not EMAIL_RE.match(email):
-                errors.append(
-                    clerk_error(
-                        "form_param_format_invalid",
-                        "is invalid",
-                        "email_address must be a valid email address.",
-                        "email_address",
-                    )
-                )
-                break
+        if any(not _valid_email(email) for email in emails):
+            errors.append(email_format_invalid())
         password = body.get("password")
         if password is not None and not skip_checks:
             password_error = check_password(password)
@@ -482,64 +589,20 @@ class ClerkStandin:
         if errors:
             raise ClerkAPIError(422, errors)
 
-        created = now_ms()
-        user_id = new_id("user")
-        email_objects = [
-            {
-                "id": new_id("idn"),
-                "object": "email_address",
-                "email_address": email,
-                "reserved": False,
-                "verification": verified_by_admin(),
-                "linked_to": [],
-                "matches_sso_connection": False,
-                "created_at": created,
-                "updated_at": created,
-            }
-            for email in emails
-        ]
-        user = {
-            "id": user_id,
-            "object": "user",
-            "external_id": body.get("external_id"),
-            "primary_email_address_id": email_objects[0]["id"],
-            "primary_phone_number_id": None,
-            "primary_web3_wallet_id": None,
-            "username": body.get("username"),
-            "first_name": body.get("first_name"),
-            "last_name": body.get("last_name"),
-            "image_url": "https://img.clerk.com/standin-default-avatar",
-            "has_image": False,
-            "public_metadata": body.get("public_metadata") or {},
-            "private_metadata": body.get("private_metadata") or {},
-            "unsafe_metadata": body.get("unsafe_metadata") or {},
-            "email_addresses": email_objects,
-            "phone_numbers": [],
-            "web3_wallets": [],
-            "passkeys": [],
-            "password_enabled": password_given,
-            "password_last_updated_at": created if password_given else None,
-            "two_factor_enabled": False,
-            "totp_enabled": False,
-            "backup_code_enabled": False,
-            "mfa_enabled_at": None,
-            "mfa_disabled_at": None,
-            "external_accounts": [],
-            "saml_accounts": [],
-            "enterprise_accounts": [],
-            "last_sign_in_at": None,
-            "banned": False,
-            "locked": False,
-            "lockout_expires_in_seconds": None,
-            "verification_attempts_remaining": 100,
-            "updated_at": created,
-            "created_at": created,
-            "delete_self_enabled": True,
-            "create_organization_enabled": True,
-            "create_organizations_limit": None,
-            "last_active_at": None,
-            "legal_accepted_at": None,
-        }
+        user = new_user(
+            emails,
+            now_ms(),
+            external_id=body.get("external_id"),
+            username=body.get("username"),
+            first_name=body.get("first_name"),
+            last_name=body.get("last_name"),
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+            unsafe_metadata=body.get("unsafe_metadata"),
+            password_enabled=password_given,
+        )
+        user_id = user["id"]
+        origin = _request_origin()
         with self.lock:
             self._check_unique(user)
             self.users[user_id] = user
@@ -547,6 +610,7 @@ class ClerkStandin:
             if isinstance(password, str):
                 self.password_digests[user_id] = password_digest(password)
             result = copy.deepcopy(user)
+            self._emit("user.created", user, origin)
         self._save()
         return _json_response(result)
 
@@ -570,13 +634,15 @@ class ClerkStandin:
         return _json_response({"verified": True})
 
     def _check_unique(self, user: dict[str, Any]) -> None:
-        """Raise 422 ``form_identifier_exists`` for a taken email (case-insensitive, also
-        within the request), username (case-insensitive) or external_id (exact). Caller holds
-        the lock."""
+        """Raise 422 ``form_identifier_exists`` for an email (case-insensitive, also within the
+        request), username (case-insensitive) or external_id (exact) that another user than
+        ``user["id"]`` holds. Caller holds the lock."""
         taken_emails: set[str] = set()
         taken_usernames: set[str] = set()
         taken_external: set[str] = set()
         for other in self.users.values():
+            if other["id"] == user["id"]:
+                continue
             taken_emails.update(e["email_address"].lower() for e in other["email_addresses"])
             if other["username"] is not None:
                 taken_usernames.add(other["username"].lower())
@@ -605,22 +671,121 @@ class ClerkStandin:
         return _json_response(result)
 
     def delete_user(self, user_id: str) -> Response:
+        """``DELETE /v1/users/{id}``: the user and its sessions go; its place in the created_at order is
+        remembered, so a list cursor naming it keeps working. Emits ``user.deleted``."""
+        origin = _request_origin()
         with self.lock:
             user = self.users.pop(user_id, None)
-            self.user_seq.pop(user_id, None)
+            seq = self.user_seq.pop(user_id, None)
             self.password_digests.pop(user_id, None)
-            if user is not None:
-                for session_id in [s["id"] for s in self.sessions.values() if s["user_id"] == user_id]:
-                    del self.sessions[session_id]
-        if user is None:
-            raise not_found("user", user_id)
+            if user is None:
+                raise not_found("user", user_id)
+            if seq is not None:
+                self.deleted_positions[user_id] = (user["created_at"], seq)
+            for session_id in [s["id"] for s in self.sessions.values() if s["user_id"] == user_id]:
+                del self.sessions[session_id]
+            deleted: dict[str, Any] = {"object": "user", "id": user_id, "deleted": True}
+            if user["external_id"] is not None:
+                deleted["external_id"] = user["external_id"]
+            self.webhooks.emit("user.deleted", deleted, user_id, *origin)
         self._save()
-        deleted: dict[str, Any] = {"object": "user", "id": user_id, "deleted": True}
-        if user["external_id"] is not None:
-            deleted["external_id"] = user["external_id"]
         return _json_response(deleted)
 
+    def update_user(self, user_id: str) -> Response:
+        """``PATCH /v1/users/{id}``: sets ``external_id``, ``first_name``, ``last_name``, ``username`` and
+        ``primary_email_address_id`` (one of the user's address ids). ``null`` counts as absent; ``""``
+        clears ``username`` and ``external_id``. ``notify_primary_email_address_changed`` is accepted and
+        ignored. Unknown keys: 422 ``form_param_unknown`` each; non-strings: 422 ``form_param_type_invalid``;
+        both before the 404. A foreign address id: 422 ``form_param_value_invalid``; a username or
+        external_id another user holds: 422 ``form_identifier_exists``. Moves ``updated_at``, emits
+        ``user.updated``, keeps the change in the state file."""
+        body = _json_object_body()
+        unknown = sorted(set(body) - UPDATE_USER_PARAMS)
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        errors = [
+            param_type_invalid(name, "a string")
+            for name in UPDATE_USER_STRINGS
+            if body.get(name) is not None and not isinstance(body[name], str)
+        ]
+        notify = body.get("notify_primary_email_address_changed")
+        if notify is not None and not isinstance(notify, bool):
+            errors.append(param_type_invalid("notify_primary_email_address_changed", "a boolean"))
+        if errors:
+            raise ClerkAPIError(422, errors)
+        changes = {name: body[name] for name in UPDATE_USER_STRINGS if body.get(name) is not None}
+        for name in ("username", "external_id"):
+            if changes.get(name) == "":
+                changes[name] = None
+        origin = _request_origin()
+        with self.lock:
+            user = self.users.get(user_id)
+            if user is None:
+                raise not_found("user", user_id)
+            primary = changes.pop("primary_email_address_id", None)
+            if primary is not None and all(e["id"] != primary for e in user["email_addresses"]):
+                message = "primary_email_address_id must be the id of one of the user's email addresses."
+                raise ClerkAPIError(422, [param_value_invalid("primary_email_address_id", message)])
+            self._check_unique({**user, **changes})
+            user.update(changes)
+            if primary is not None:
+                user["primary_email_address_id"] = primary
+            self._touch(user)
+            result = copy.deepcopy(user)
+            self._emit("user.updated", user, origin)
+        self._save()
+        return _json_response(result)
+
+    def ban_user(self, user_id: str) -> Response:
+        """``POST /v1/users/{id}/ban``: 200 the user with ``banned: true``. Its live sessions are revoked (no
+        more tokens), new sessions and the sign-in page refuse it. Banning a banned user changes nothing."""
+        return self._set_banned(user_id, True)
+
+    def unban_user(self, user_id: str) -> Response:
+        """``POST /v1/users/{id}/unban``: 200 the user with ``banned: false``. Revoked sessions stay revoked;
+        unbanning a user who is not banned changes nothing."""
+        return self._set_banned(user_id, False)
+
+    def _set_banned(self, user_id: str, banned: bool) -> Response:
+        origin = _request_origin()
+        changed = False
+        with self.lock:
+            user = self.users.get(user_id)
+            if user is None:
+                raise not_found("user", user_id)
+            if user["banned"] != banned:
+                changed = True
+                user["banned"] = banned
+                updated = self._touch(user)
+                if banned:
+                    for session in self.sessions.values():
+                        if session["user_id"] == user_id and session["status"] in LIVE_STATUSES:
+                            session["status"] = "revoked"
+                            session["updated_at"] = updated
+                self._emit("user.updated", user, origin)
+            result = copy.deepcopy(user)
+        if changed:
+            self._save()
+        return _json_response(result)
+
+    def _touch(self, user: dict[str, Any]) -> int:
+        """Move ``user["updated_at"]`` to now, and at least 1 ms past its last value; returns it. Caller
+        holds the lock."""
+        user["updated_at"] = max(now_ms(), user["updated_at"] + 1)
+        return user["updated_at"]
+
+    def _emit(self, event_type: str, user: dict[str, Any], origin: tuple[str, str]) -> None:
+        """Queue webhook ``event_type`` carrying ``user`` as it is now. Caller holds the lock, so events
+        leave in the order of the changes."""
+        self.webhooks.emit(event_type, user, user["id"], *origin)
+
     def list_users(self) -> Response:
+        """``GET /v1/users``: a bare array, filtered (``_filtered_users``), ordered by ``order_by`` with
+        creation order breaking ties (so every order is total and stable), then paged by ``offset`` and
+        ``limit``, or by the cursor ``starting_after=<user id>``: the users after that one in the order. The
+        cursor needs created_at ordering and a zero offset (else 422 ``form_param_value_invalid`` on
+        ``starting_after``); an id the stand-in never had is 422 too, while a deleted user's id keeps its
+        place. Pages walked by cursor hold every user exactly once, however many share a created_at."""
         limit = _int_query("limit", 10, *LIST_LIMIT_RANGE)
         offset = _int_query("offset", 0, 0, None)
         order_by = (request.args.get("order_by") or "-created_at").strip()
@@ -631,11 +796,39 @@ class ClerkStandin:
                 422,
                 [param_value_invalid("order_by", f"order_by must be one of {', '.join(ORDER_FIELDS)}.")],
             )
+        cursor = request.args.get("starting_after") or None
+        if cursor is not None and (field != "created_at" or offset != 0):
+            message = (
+                "starting_after can only be used with order_by created_at, +created_at or -created_at "
+                "and without a non-zero offset."
+            )
+            raise ClerkAPIError(422, [param_value_invalid("starting_after", message)])
         with self.lock:
             matched = self._filtered_users()
+            if cursor is not None:
+                position = self._created_position(cursor)
+                if position is None:
+                    message = f"starting_after must be the id of a user; {cursor} is not one."
+                    raise ClerkAPIError(422, [param_value_invalid("starting_after", message)])
+                matched = [
+                    u
+                    for u in matched
+                    if (
+                        self._sort_key(u, field) < position
+                        if descending
+                        else self._sort_key(u, field) > position
+                    )
+                ]
             matched.sort(key=lambda user: self._sort_key(user, field), reverse=descending)
             page = copy.deepcopy(matched[offset : offset + limit])
         return _json_response(page)
+
+    def _created_position(self, user_id: str) -> tuple[int, int] | None:
+        """Where ``user_id`` is (or was, if deleted) in the created_at order. Caller holds the lock."""
+        user = self.users.get(user_id)
+        if user is not None:
+            return (user["created_at"], self.user_seq[user_id])
+        return self.deleted_positions.get(user_id)
 
     def count_users(self) -> Response:
         with self.lock:
@@ -644,9 +837,17 @@ class ClerkStandin:
 
     def _filtered_users(self) -> list[dict[str, Any]]:
         """Users matching the query filters: values of one filter are OR-ed, filters are
-        AND-ed. A filter key that is present but matches nothing yields no users. Caller
-        holds the lock."""
+        AND-ed. A filter key that is present but matches nothing yields no users. More than
+        ``MAX_FILTER_VALUES`` values of one filter: 422 ``form_param_array_size_exceeded``.
+        Caller holds the lock."""
         args = request.args
+        too_many = [
+            array_size_exceeded(name, MAX_FILTER_VALUES)
+            for name in LIST_FILTERS
+            if len(args.getlist(name)) > MAX_FILTER_VALUES
+        ]
+        if too_many:
+            raise ClerkAPIError(422, too_many)
         users = list(self.users.values())
         if "email_address" in args:
             wanted = {value.strip().lower() for value in args.getlist("email_address")}
@@ -694,7 +895,8 @@ class ClerkStandin:
         unverified form (``wire.unverified``); ``primary: true`` makes it its user's
         ``primary_email_address_id`` (``false`` changes nothing: a user always has a primary address).
         ``notify_primary_email_address_changed`` is accepted and ignored (no emails here); ``null`` counts
-        as absent. The address's and the user's ``updated_at`` move on. Unknown keys get 422
+        as absent. The address's and the user's ``updated_at`` move on, and ``user.updated`` is sent. Unknown
+        keys get 422
         ``form_param_unknown``, non-booleans 422 ``form_param_type_invalid``, both before the 404 for an
         unknown address."""
         body = _json_object_body()
@@ -709,21 +911,102 @@ class ClerkStandin:
         if errors:
             raise ClerkAPIError(422, errors)
         verified, primary = body.get("verified"), body.get("primary")
-        result: dict[str, Any] | None = None
+        origin = _request_origin()
         with self.lock:
             found = self._find_email_address(email_address_id)
-            if found is not None:
-                user, address = found
-                if verified is not None:
-                    address["verification"] = verified_by_admin() if verified else unverified()
-                if primary:
-                    user["primary_email_address_id"] = address["id"]
-                address["updated_at"] = user["updated_at"] = now_ms()
-                result = copy.deepcopy(address)
-        if result is None:
-            raise not_found("email address", email_address_id)
+            if found is None:
+                raise not_found("email address", email_address_id)
+            user, address = found
+            if verified is not None:
+                address["verification"] = verified_by_admin() if verified else unverified()
+            if primary:
+                user["primary_email_address_id"] = address["id"]
+            address["updated_at"] = self._touch(user)
+            result = copy.deepcopy(address)
+            self._emit("user.updated", user, origin)
         self._save()
         return _json_response(result)
+
+    def create_email_address(self) -> Response:
+        """``POST /v1/email_addresses`` ``{user_id, email_address, verified?, primary?}``: 200 the new
+        ``EmailAddress``, added to the user; unverified unless ``verified: true``; ``primary: true`` makes it
+        the primary address. ``notify_primary_email_address_changed`` is accepted and ignored; ``null``
+        counts as absent. Refusals: 422 ``form_param_unknown`` / ``form_param_type_invalid`` /
+        ``form_param_missing`` / ``form_param_format_invalid``, 404 for an unknown user, 422
+        ``form_identifier_exists`` when any user has the address (case-insensitive)."""
+        body = _json_object_body()
+        unknown = sorted(set(body) - CREATE_EMAIL_ADDRESS_PARAMS)
+        if unknown:
+            raise ClerkAPIError(422, [param_unknown(name) for name in unknown])
+        errors = [
+            param_type_invalid(name, "a string")
+            for name in ("user_id", "email_address")
+            if body.get(name) is not None and not isinstance(body[name], str)
+        ]
+        errors += [
+            param_type_invalid(name, "a boolean")
+            for name in ("verified", "primary", "notify_primary_email_address_changed")
+            if body.get(name) is not None and not isinstance(body[name], bool)
+        ]
+        errors += [param_missing(name) for name in ("user_id", "email_address") if body.get(name) is None]
+        if errors:
+            raise ClerkAPIError(422, errors)
+        email = body["email_address"].strip()
+        if not _valid_email(email):
+            raise ClerkAPIError(422, [email_format_invalid()])
+        user_id = body["user_id"]
+        origin = _request_origin()
+        with self.lock:
+            user = self.users.get(user_id)
+            if user is None:
+                raise not_found("user", user_id)
+            if self._email_taken(email):
+                raise ClerkAPIError(422, [identifier_exists("email_address", "email address")])
+            address = new_email_address(email, self._touch(user), verified=body.get("verified") is True)
+            user["email_addresses"].append(address)
+            if body.get("primary"):
+                user["primary_email_address_id"] = address["id"]
+            result = copy.deepcopy(address)
+            self._emit("user.updated", user, origin)
+        self._save()
+        return _json_response(result)
+
+    def delete_email_address(self, email_address_id: str) -> Response:
+        """``DELETE /v1/email_addresses/{id}``: 200 ``{"object":"email_address","id","deleted":true}``; 404
+        ``resource_not_found`` when no user has it; the user's primary address is refused with 422
+        ``identification_deletion_failed`` (make another address primary first)."""
+        origin = _request_origin()
+        with self.lock:
+            found = self._find_email_address(email_address_id)
+            if found is None:
+                raise not_found("email address", email_address_id)
+            user, address = found
+            if user["primary_email_address_id"] == email_address_id:
+                raise ClerkAPIError(
+                    422,
+                    [
+                        clerk_error(
+                            "identification_deletion_failed",
+                            "Deletion failed",
+                            "The primary email address cannot be deleted. "
+                            "Make another address primary first.",
+                        )
+                    ],
+                )
+            user["email_addresses"].remove(address)
+            self._touch(user)
+            self._emit("user.updated", user, origin)
+        self._save()
+        return _json_response({"object": "email_address", "id": email_address_id, "deleted": True})
+
+    def _email_taken(self, email: str) -> bool:
+        """True when any user has ``email`` (case-insensitive). Caller holds the lock."""
+        wanted = email.lower()
+        return any(
+            e["email_address"].lower() == wanted
+            for user in self.users.values()
+            for e in user["email_addresses"]
+        )
 
     def _find_email_address(self, email_address_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The user holding the address ``email_address_id`` and the address itself (both live, not
@@ -749,13 +1032,11 @@ class ClerkStandin:
         organization_id = body.get("active_organization_id")
         if organization_id is not None:
             raise not_found("organization", str(organization_id))
-        result = self._start_session(user_id)
-        if result is None:
-            raise not_found("user", user_id)
-        return _json_response(result)
+        return _json_response(self._start_session(user_id))
 
-    def _start_session(self, user_id: str) -> dict[str, Any] | None:
-        """A new active session of ``user_id`` (saved), or None when there is no such user."""
+    def _start_session(self, user_id: str) -> dict[str, Any]:
+        """A new active session of ``user_id`` (saved). 404 ``resource_not_found`` when there is no such user,
+        403 ``user_banned`` when it is banned."""
         created = now_ms()
         session = {
             "object": "session",
@@ -772,8 +1053,11 @@ class ClerkStandin:
             "created_at": created,
         }
         with self.lock:
-            if user_id not in self.users:
-                return None
+            user = self.users.get(user_id)
+            if user is None:
+                raise not_found("user", user_id)
+            if user["banned"]:
+                raise user_banned()
             self.sessions[session["id"]] = session
             result = dict(session)
         self._save()
@@ -837,8 +1121,9 @@ class ClerkStandin:
     def sign_in(self) -> Response:
         """``GET /sign-in?redirect_url=``: the form. ``POST /sign-in``: email and password checked like Clerk
         checks them (an unknown email, then a wrong password, each re-shows the form with Clerk's message,
-        422); on success a new session, its token in ``__session`` and a 303 to ``redirect_url``. A
-        ``redirect_url`` off the allowed origin (``azp``) is refused with 400; none means ``azp`` + ``/``."""
+        422; then a banned user, 403 with Clerk's ``user_banned`` message); on success a new session, its
+        token in ``__session`` and a 303 to ``redirect_url``. A ``redirect_url`` off the allowed origin
+        (``azp``) is refused with 400; none means ``azp`` + ``/``."""
         target = pages.allowed_redirect(request.values.get("redirect_url") or self.azp + "/", self.azp)
         if target is None:
             return pages.refused_redirect(self.azp)
@@ -860,8 +1145,11 @@ class ClerkStandin:
             return pages.sign_in_form(target, email, pages.ACCOUNT_NOT_FOUND, 422)
         if digest is None or not check_password_digest(password, digest):
             return pages.sign_in_form(target, email, pages.PASSWORD_INCORRECT, 422)
-        session = self._start_session(user_id)
-        if session is None:  # deleted between the check and now
+        try:
+            session = self._start_session(user_id)
+        except ClerkAPIError as error:  # banned, or deleted since the check
+            if error.status == 403:
+                return pages.sign_in_form(target, email, pages.USER_BANNED, 403)
             return pages.sign_in_form(target, email, pages.ACCOUNT_NOT_FOUND, 422)
         with self.lock:
             user = self.users.get(user_id)
@@ -1003,8 +1291,106 @@ class ClerkStandin:
             return _control_error(str(exc), 400)
         return _json_response(session)
 
+    def c_bulk_users(self) -> Response:
+        body = _control_json()
+        webhooks = body.get("webhooks", False) if body is not None else None
+        if body is None or not isinstance(webhooks, bool):
+            return _control_error('body must be {"users": [...], "webhooks"?: bool}', 400)
+        try:
+            ids = self.bulk_create_users(body.get("users"), webhooks=webhooks, origin=_request_origin())
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+        return _json_response({"created": len(ids), "ids": ids}, 201)
+
+    def c_webhooks(self) -> Response:
+        return _json_response(self.webhooks.status())
+
+    def c_set_webhooks(self) -> Response:
+        body = _control_json()
+        if body is None:
+            return _control_error('body must be {"url": ..., "secret"?: "whsec_..."}', 400)
+        try:
+            return _json_response(self.webhooks.configure(body.get("url"), body.get("secret")))
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+
+    def c_disable_webhooks(self) -> Response:
+        self.webhooks.disable()
+        return _json_response(self.webhooks.status())
+
+    def c_add_webhook_fault(self) -> Response:
+        try:
+            return _json_response(self.webhooks.add_fault(_control_json()), 201)
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+
+    def c_webhook_faults(self) -> Response:
+        return _json_response({"faults": self.webhooks.faults()})
+
+    def c_clear_webhook_faults(self) -> Response:
+        return _json_response({"cleared": self.webhooks.clear_faults()})
+
+    def c_release_webhooks(self, fault_id: int) -> Response:
+        if not self.webhooks.release(fault_id):
+            return _control_error(f"no webhook fault with id {fault_id}", 404)
+        return _json_response({"released": fault_id})
+
+    def c_webhook_deliveries(self) -> Response:
+        return _json_response({"deliveries": self.webhooks.deliveries()})
+
+    def c_wait_for_webhooks(self) -> Response:
+        body = _control_json()
+        timeout = body.get("timeout", 10) if body is not None else None
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= 600:
+            return _control_error('body must be {"timeout"?: seconds (0..600)}', 400)
+        idle = self.webhooks.wait_idle(timeout)
+        return _json_response({"idle": idle, **self.webhooks.status()}, 200 if idle else 408)
+
 
 # --------------------------------------------------------------------------- request helpers
+
+
+def _bulk_entry(entry: Any, index: int) -> tuple[list[str], dict[str, Any]]:
+    """One ``users`` entry of the bulk control call, checked: its emails and its other fields."""
+    where = f"users[{index}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object")
+    unknown = sorted(set(entry) - BULK_USER_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)}")
+    emails = entry.get("email_address")
+    emails = [emails] if isinstance(emails, str) else emails
+    if not isinstance(emails, list) or not emails or not all(isinstance(e, str) for e in emails):
+        raise ValueError(f"{where}: email_address must be a string or a non-empty list of strings")
+    emails = [email.strip() for email in emails]
+    if not all(_valid_email(email) for email in emails) or len({e.lower() for e in emails}) < len(emails):
+        raise ValueError(f"{where}: email_address must hold distinct valid email addresses")
+    fields = {name: entry.get(name) for name in ("external_id", "first_name", "last_name", "username")}
+    if any(value is not None and not isinstance(value, str) for value in fields.values()):
+        raise ValueError(f"{where}: external_id, first_name, last_name and username must be strings or null")
+    created_at = entry.get("created_at")
+    if created_at is not None and (not is_int(created_at) or created_at < 0):
+        raise ValueError(f"{where}: created_at must be a non-negative integer (ms)")
+    fields["created_at"] = created_at
+    return emails, fields
+
+
+def _valid_email(email: str) -> bool:
+    return len(email) <= 320 and EMAIL_RE.match(email) is not None
+
+
+def email_format_invalid() -> dict[str, Any]:
+    return clerk_error(
+        "form_param_format_invalid",
+        "is invalid",
+        "email_address must be a valid email address.",
+        "email_address",
+    )
+
+
+def _request_origin() -> tuple[str, str]:
+    """The caller's IP and User-Agent, for a webhook's ``event_attributes.http_request``."""
+    return request.remote_addr or "", request.headers.get("User-Agent", "")
 
 
 def _is_control(path: str) -> bool:
@@ -1017,6 +1403,15 @@ def _json_response(payload: Any, status: int = 200) -> Response:
 
 def _control_error(message: str, status: int) -> Response:
     return _json_response({"error": message}, status)
+
+
+def _control_json() -> dict[str, Any] | None:
+    """A control call's body as a JSON object (an empty body is ``{}``), or None when it is not one."""
+    try:
+        body = json.loads(request.get_data() or b"{}")
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _json_object_body() -> dict[str, Any]:

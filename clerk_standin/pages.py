@@ -28,6 +28,8 @@ SIGN_IN_TOKEN_LIFETIME = 3600
 # Clerk's own wording for these sign-in failures.
 ACCOUNT_NOT_FOUND = "Couldn't find your account."
 PASSWORD_INCORRECT = "Password is incorrect. Try again, or use another method."  # noqa: S105 (a message)
+# The long message of Clerk's user_banned error, shown once the password is right.
+USER_BANNED = "You have been banned. If you think this was by mistake, please contact support."
 
 PAGE = """<!doctype html>
 <html lang="en">

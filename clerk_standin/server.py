@@ -25,6 +25,7 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wsgi import LimitedStream
 
 from clerk_standin.app import CONTROL_PREFIX, DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, ClerkStandin
+from clerk_standin.webhooks import DEFAULT_TIMEOUT
 
 log = logging.getLogger("clerk_standin")
 
@@ -219,10 +220,13 @@ def serve(app: ClerkStandin, host: str = "127.0.0.1", port: int = 5001, *, log_r
     server = make_server(app, host, port, log_requests=log_requests)
     base = _origin(host, server.server_port)
     log.info("Clerk stand-in on %s (API %s/v1, kid %s)", base, base, app.signing_key.kid)
+    if app.webhooks.endpoint is not None:
+        log.info("Sending Clerk webhooks to %s", app.webhooks.endpoint[0])
     try:
         server.serve_forever()
     finally:
         app.stopping.set()
+        app.webhooks.close()
         server.close_connections()
 
 
@@ -239,9 +243,9 @@ class StandinControl:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
 
-    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+    def _call(self, method: str, path: str, payload: Any = None, timeout: float | None = None) -> Any:
         response = requests.request(
-            method, self.base_url + CONTROL_PREFIX + path, json=payload, timeout=self.timeout
+            method, self.base_url + CONTROL_PREFIX + path, json=payload, timeout=timeout or self.timeout
         )
         response.raise_for_status()
         if response.headers.get("Content-Type", "").startswith("application/json"):
@@ -294,13 +298,72 @@ class StandinControl:
         """Mark a session ``pending`` (its tokens then carry ``sts: "pending"``) or ``active`` again."""
         return self._call("POST", f"/sessions/{session_id}/status", {"status": status})
 
+    def bulk_create_users(
+        self, users: list[dict[str, Any]], *, webhooks: bool = False, timeout: float = 120.0
+    ) -> list[str]:
+        """Create many password-less users at once (``POST /__standin/users/bulk``); returns their ids in
+        order. Entries: ``email_address`` (string or list), ``external_id``, ``first_name``, ``last_name``,
+        ``username``, ``created_at`` (ms). ``webhooks=True`` sends ``user.created`` for each."""
+        body = {"users": users, "webhooks": webhooks}
+        return self._call("POST", "/users/bulk", body, timeout=timeout)["ids"]
+
+    def webhooks(self) -> dict[str, Any]:
+        """The webhook endpoint (``enabled``, ``url``, ``secret``, ``instance_id``, ...) and the counts of
+        ``queued``, ``in_flight`` and ``parked`` messages."""
+        return self._call("GET", "/webhooks")
+
+    def set_webhooks(self, url: str, secret: str | None = None) -> dict[str, Any]:
+        """Send webhooks to ``url``, signed with ``secret`` (``whsec_...``; a new one when None: read it from
+        the answer's ``secret``)."""
+        payload: dict[str, Any] = {"url": url}
+        if secret is not None:
+            payload["secret"] = secret
+        return self._call("PUT", "/webhooks", payload)
+
+    def disable_webhooks(self) -> None:
+        """Send no more webhooks; queued and parked ones are dropped."""
+        self._call("DELETE", "/webhooks")
+
+    def add_webhook_fault(self, **fault: Any) -> dict[str, Any]:
+        """Add a delivery fault: ``action`` (delay, repeat, drop, reorder, hold), optional ``type`` and
+        ``times``, ``seconds`` (delay), ``count`` (repeat, reorder). Returns it with its ``id``."""
+        return self._call("POST", "/webhooks/faults", fault)
+
+    def webhook_faults(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/webhooks/faults")["faults"]
+
+    def clear_webhook_faults(self) -> None:
+        """Remove every delivery fault; what they parked is delivered."""
+        self._call("DELETE", "/webhooks/faults")
+
+    def release_webhooks(self, fault_id: int) -> None:
+        """Deliver what a ``hold`` (or a ``reorder`` still collecting) parked, and remove that fault."""
+        self._call("POST", f"/webhooks/faults/{fault_id}/release")
+
+    def webhook_deliveries(self) -> list[dict[str, Any]]:
+        """Every delivery attempt so far: ``svix_id``, ``type``, ``user_id``, ``attempt``, ``copy``,
+        ``status`` or ``error``, ``outcome``, ``at`` (ms)."""
+        return self._call("GET", "/webhooks/deliveries")["deliveries"]
+
+    def wait_for_webhooks(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Return once no webhook is queued (retries not yet due included) or in flight; parked ones do not
+        count. Raises TimeoutError after ``timeout`` seconds."""
+        response = requests.post(
+            self.base_url + CONTROL_PREFIX + "/webhooks/wait", json={"timeout": timeout}, timeout=timeout + 10
+        )
+        if response.status_code == 408:
+            raise TimeoutError(f"webhooks still queued or in flight after {timeout} s: {response.json()}")
+        response.raise_for_status()
+        return response.json()
+
 
 class StandinServer:
     """Run a ``ClerkStandin`` on a background thread (for tests).
 
     ``start()`` binds (``port=0`` picks a free port) and returns the base URL (origin, no
     ``/v1``); ``stop()`` stops accepting, ends hangs/latency waits early, shuts open
-    connections and joins the thread. Also a context manager. ``app`` is the ``ClerkStandin``;
+    connections, stops sending webhooks (queued ones wait for a restart) and joins the thread. Also a
+    context manager. ``app`` is the ``ClerkStandin``;
     ``control`` is a ``StandinControl`` for it; ``api_url`` is ``base_url + "/v1"``.
     """
 
@@ -316,6 +379,10 @@ class StandinServer:
         azp: str = DEFAULT_AZP,
         state_file: str | os.PathLike[str] | None = None,
         log_requests: bool = False,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        webhook_timeout: float = DEFAULT_TIMEOUT,
+        webhook_retry_scale: float = 1.0,
     ):
         self.host = host
         self.port = port
@@ -327,6 +394,10 @@ class StandinServer:
             issuer=issuer,
             azp=azp,
             state_file=state_file,
+            webhook_url=webhook_url,
+            webhook_secret=webhook_secret,
+            webhook_timeout=webhook_timeout,
+            webhook_retry_scale=webhook_retry_scale,
         )
         self._server: StandinWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -351,6 +422,7 @@ class StandinServer:
         if self._server is not None:
             return self.base_url
         self.app.stopping.clear()
+        self.app.webhooks.resume()
         self._server = make_server(self.app, self.host, self.port, log_requests=self.log_requests)
         self.port = self._server.server_port
         self._thread = threading.Thread(
@@ -367,6 +439,7 @@ class StandinServer:
         if server is None:
             return
         self.app.stopping.set()
+        self.app.webhooks.close()
         server.shutdown()
         server.close_connections()
         if thread is not None:

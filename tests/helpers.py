@@ -19,12 +19,13 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 
 import flask_migrate
+import jwt
 import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
 
-from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY
+from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, StandinServer
 from iris import create_app
 from iris.config import database_uri
 from iris.extensions import db
@@ -315,3 +316,78 @@ def link_in(message: Any) -> str:
     text = message.get_body(preferencelist=("plain",)).get_content()
     [link] = [word for word in text.split() if "/verify-email/" in word]
     return link.split("https://iris.test", 1)[1]
+
+
+# The password the stand-in's own tests give the users they make (StandinApi.create_user).
+STANDIN_PASSWORD = "a fine long passphrase"
+
+
+class StandinApi:
+    """A minimal Backend API caller for one stand-in server (its base URL and secret key, short timeouts) and
+    its control API; for the stand-in's own tests, which run it without a database."""
+
+    def __init__(self, server: StandinServer):
+        self.base = server.base_url
+        self.headers = {"Authorization": f"Bearer {server.secret_key}"}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        timeout = kwargs.pop("timeout", 10)
+        return requests.request(method, self.base + path, headers=headers, timeout=timeout, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def patch(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return self.request("PATCH", path, **kwargs)
+
+    def create_user(self, email: str, **fields: Any) -> dict[str, Any]:
+        fields.setdefault("password", STANDIN_PASSWORD)
+        response = self.post("/v1/users", {"email_address": [email], **fields})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def control(self, method: str, path: str, body: Any = None) -> requests.Response:
+        return requests.request(method, f"{self.base}/__standin{path}", json=body, timeout=30)
+
+    def fault(self, **fault: Any) -> dict[str, Any]:
+        response = self.control("POST", "/faults", fault)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def stats(self) -> dict[str, Any]:
+        return self.control("GET", "/stats").json()
+
+    def jwks_key(self, token: str) -> Any:
+        kid = jwt.get_unverified_header(token)["kid"]
+        keys = self.get("/v1/jwks").json()["keys"]
+        jwk = next(k for k in keys if k["kid"] == kid)
+        return jwt.PyJWK(jwk).key
+
+
+def only_clerk_error(response: requests.Response, status: int, code: str) -> dict[str, Any]:
+    """Assert a Clerk error envelope with exactly one error of ``code``; return that error."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["clerk_trace_id"], str) and body["clerk_trace_id"]
+    assert [e["code"] for e in body["errors"]] == [code], body
+    error = body["errors"][0]
+    assert error["message"] and error["long_message"]
+    return error
+
+
+def user_ids(response: requests.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body, list)
+    return [user["id"] for user in body]

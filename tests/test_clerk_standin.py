@@ -34,6 +34,7 @@ from clerk_standin import (
     ClerkStandin,
     StandinServer,
 )
+from tests.helpers import StandinApi, only_clerk_error, user_ids
 
 ID_RE = MappingProxyType(
     {prefix: re.compile(rf"^{prefix}_[0-9A-Za-z]{{27}}$") for prefix in ("user", "idn", "sess", "ins")}
@@ -82,58 +83,6 @@ REQUIRED_USER_FIELDS = frozenset(
 )
 
 
-class Api:
-    """Minimal BAPI caller: base URL, bearer secret key, short timeouts."""
-
-    def __init__(self, server: StandinServer):
-        self.base = server.base_url
-        self.headers = {"Authorization": f"Bearer {server.secret_key}"}
-
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        headers = {**self.headers, **kwargs.pop("headers", {})}
-        timeout = kwargs.pop("timeout", TIMEOUT)
-        return requests.request(method, self.base + path, headers=headers, timeout=timeout, **kwargs)
-
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
-        if body is not None:
-            kwargs["json"] = body
-        return self.request("POST", path, **kwargs)
-
-    def delete(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.request("DELETE", path, **kwargs)
-
-    def patch(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
-        if body is not None:
-            kwargs["json"] = body
-        return self.request("PATCH", path, **kwargs)
-
-    def create_user(self, email: str, **fields: Any) -> dict[str, Any]:
-        fields.setdefault("password", "a fine long passphrase")
-        response = self.post("/v1/users", {"email_address": [email], **fields})
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def control(self, method: str, path: str, body: Any = None) -> requests.Response:
-        return requests.request(method, f"{self.base}/__standin{path}", json=body, timeout=TIMEOUT)
-
-    def fault(self, **fault: Any) -> dict[str, Any]:
-        response = self.control("POST", "/faults", fault)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def stats(self) -> dict[str, Any]:
-        return self.control("GET", "/stats").json()
-
-    def jwks_key(self, token: str) -> Any:
-        kid = jwt.get_unverified_header(token)["kid"]
-        keys = self.get("/v1/jwks").json()["keys"]
-        jwk = next(k for k in keys if k["kid"] == kid)
-        return jwt.PyJWK(jwk).key
-
-
 # Deliberately named like tests/conftest.py's autouse ``standin`` fixture: inside this module it
 # replaces that one, so these tests run on their own server and need no database.
 @pytest.fixture(scope="module")
@@ -145,57 +94,39 @@ def standin() -> Iterator[StandinServer]:
 
 
 @pytest.fixture
-def api(standin: StandinServer) -> Api:
+def api(standin: StandinServer) -> StandinApi:
     """A reset stand-in (no users, sessions, faults, counts; original key)."""
-    api = Api(standin)
+    api = StandinApi(standin)
     assert api.control("POST", "/reset").status_code == 200
     return api
-
-
-def only_error(response: requests.Response, status: int, code: str) -> dict[str, Any]:
-    """Assert a Clerk error envelope with exactly one error of ``code``; return that error."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert isinstance(body["clerk_trace_id"], str) and body["clerk_trace_id"]
-    assert [e["code"] for e in body["errors"]] == [code], body
-    error = body["errors"][0]
-    assert error["message"] and error["long_message"]
-    return error
-
-
-def user_ids(response: requests.Response) -> list[str]:
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert isinstance(body, list)
-    return [user["id"] for user in body]
 
 
 # --------------------------------------------------------------------------- auth, routing
 
 
-def test_missing_authorization_header_is_401_format_invalid(api: Api) -> None:
+def test_missing_authorization_header_is_401_format_invalid(api: StandinApi) -> None:
     response = requests.get(api.base + "/v1/users", timeout=TIMEOUT)
-    only_error(response, 401, "authorization_header_format_invalid")
+    only_clerk_error(response, 401, "authorization_header_format_invalid")
     assert response.headers["Clerk-Api-Version"] == "2021-02-05"
 
 
-def test_non_bearer_authorization_is_401_format_invalid(api: Api) -> None:
+def test_non_bearer_authorization_is_401_format_invalid(api: StandinApi) -> None:
     response = api.get("/v1/users", headers={"Authorization": f"Basic {DEFAULT_SECRET_KEY}"})
-    only_error(response, 401, "authorization_header_format_invalid")
+    only_clerk_error(response, 401, "authorization_header_format_invalid")
 
 
-def test_wrong_secret_key_is_401_clerk_key_invalid(api: Api) -> None:
+def test_wrong_secret_key_is_401_clerk_key_invalid(api: StandinApi) -> None:
     response = api.get("/v1/jwks", headers={"Authorization": "Bearer sk_test_wrong"})
-    error = only_error(response, 401, "clerk_key_invalid")
+    error = only_clerk_error(response, 401, "clerk_key_invalid")
     assert "Secret Key is invalid" in error["message"]
 
 
-def test_unknown_route_is_404_clerk_envelope(api: Api) -> None:
-    only_error(api.get("/v1/no_such_thing"), 404, "resource_not_found")
-    only_error(api.request("PUT", "/v1/users"), 404, "resource_not_found")
+def test_unknown_route_is_404_clerk_envelope(api: StandinApi) -> None:
+    only_clerk_error(api.get("/v1/no_such_thing"), 404, "resource_not_found")
+    only_clerk_error(api.request("PUT", "/v1/users"), 404, "resource_not_found")
 
 
-def test_api_version_header_is_echoed(api: Api) -> None:
+def test_api_version_header_is_echoed(api: StandinApi) -> None:
     response = api.get("/v1/users", headers={"Clerk-API-Version": "2025-11-10"})
     assert response.headers["Clerk-Api-Version"] == "2025-11-10"
     assert api.get("/v1/users").headers["Clerk-Api-Version"] == "2021-02-05"
@@ -204,7 +135,7 @@ def test_api_version_header_is_echoed(api: Api) -> None:
 # --------------------------------------------------------------------------- create user
 
 
-def test_create_user_returns_200_and_the_full_user_object(api: Api) -> None:
+def test_create_user_returns_200_and_the_full_user_object(api: StandinApi) -> None:
     before = int(time.time() * 1000)
     response = api.post(
         "/v1/users",
@@ -246,7 +177,7 @@ def test_create_user_returns_200_and_the_full_user_object(api: Api) -> None:
     assert "correct horse battery" not in response.text
 
 
-def test_create_user_accepts_explicit_nulls(api: Api) -> None:
+def test_create_user_accepts_explicit_nulls(api: StandinApi) -> None:
     body = {
         "email_address": ["nulls@example.com"],
         "password": None,
@@ -266,7 +197,7 @@ def test_create_user_accepts_explicit_nulls(api: Api) -> None:
     assert user["password_enabled"] is False
 
 
-def test_unknown_parameters_are_422_form_param_unknown(api: Api) -> None:
+def test_unknown_parameters_are_422_form_param_unknown(api: StandinApi) -> None:
     response = api.post("/v1/users", {"email_address": ["x@example.com"], "role": "admin", "age": 3})
     assert response.status_code == 422
     errors = response.json()["errors"]
@@ -278,16 +209,16 @@ def test_unknown_parameters_are_422_form_param_unknown(api: Api) -> None:
     assert api.get("/v1/users/count").json()["total_count"] == 0
 
 
-def test_email_uniqueness_is_case_insensitive(api: Api) -> None:
+def test_email_uniqueness_is_case_insensitive(api: StandinApi) -> None:
     api.create_user("Chef@Example.com")
     response = api.post("/v1/users", {"email_address": ["chef@EXAMPLE.com"], "password": "another long one"})
-    error = only_error(response, 422, "form_identifier_exists")
+    error = only_clerk_error(response, 422, "form_identifier_exists")
     assert error["message"] == "That email address is taken. Please try another."
     assert error["meta"] == {"param_name": "email_address"}
     assert api.get("/v1/users/count").json()["total_count"] == 1
 
 
-def test_concurrent_creates_of_one_email_yield_exactly_one_user(api: Api) -> None:
+def test_concurrent_creates_of_one_email_yield_exactly_one_user(api: StandinApi) -> None:
     def create(index: int) -> int:
         email = "Race@Example.com" if index % 2 else "race@example.com"
         body = {"email_address": [email], "password": "a fine long passphrase"}
@@ -299,10 +230,10 @@ def test_concurrent_creates_of_one_email_yield_exactly_one_user(api: Api) -> Non
     assert api.get("/v1/users/count").json()["total_count"] == 1
 
 
-def test_duplicate_external_id_is_422_identifier_exists_on_external_id(api: Api) -> None:
+def test_duplicate_external_id_is_422_identifier_exists_on_external_id(api: StandinApi) -> None:
     api.create_user("one@example.com", external_id="row-7")
     response = api.post("/v1/users", {"email_address": ["two@example.com"], "external_id": "row-7"})
-    error = only_error(response, 422, "form_identifier_exists")
+    error = only_clerk_error(response, 422, "form_identifier_exists")
     assert error["meta"] == {"param_name": "external_id"}
     assert api.get("/v1/users/count").json()["total_count"] == 1
 
@@ -310,30 +241,34 @@ def test_duplicate_external_id_is_422_identifier_exists_on_external_id(api: Api)
 @pytest.mark.parametrize(
     "email", ["not-an-email", "a@b", "two@@example.com", "sp ace@example.com", "@example.com"]
 )
-def test_bad_email_format_is_422_format_invalid(api: Api, email: str) -> None:
+def test_bad_email_format_is_422_format_invalid(api: StandinApi, email: str) -> None:
     response = api.post("/v1/users", {"email_address": [email], "password": "a fine long passphrase"})
-    error = only_error(response, 422, "form_param_format_invalid")
+    error = only_clerk_error(response, 422, "form_param_format_invalid")
     assert error["meta"] == {"param_name": "email_address"}
 
 
-def test_missing_email_is_422_form_param_missing(api: Api) -> None:
-    error = only_error(
+def test_missing_email_is_422_form_param_missing(api: StandinApi) -> None:
+    error = only_clerk_error(
         api.post("/v1/users", {"password": "a fine long passphrase"}), 422, "form_param_missing"
     )
     assert error["meta"] == {"param_name": "email_address"}
 
 
-def test_wrong_types_are_422_type_invalid(api: Api) -> None:
+def test_wrong_types_are_422_type_invalid(api: StandinApi) -> None:
     response = api.post("/v1/users", {"email_address": "single@example.com"})
-    assert only_error(response, 422, "form_param_type_invalid")["meta"] == {"param_name": "email_address"}
+    assert only_clerk_error(response, 422, "form_param_type_invalid")["meta"] == {
+        "param_name": "email_address"
+    }
     response = api.post("/v1/users", {"email_address": ["m@example.com"], "public_metadata": [1]})
-    assert only_error(response, 422, "form_param_type_invalid")["meta"] == {"param_name": "public_metadata"}
+    assert only_clerk_error(response, 422, "form_param_type_invalid")["meta"] == {
+        "param_name": "public_metadata"
+    }
 
 
 @pytest.mark.parametrize("password", ["", "short", "1234567"])
-def test_short_password_is_422_length_too_short(api: Api, password: str) -> None:
+def test_short_password_is_422_length_too_short(api: StandinApi, password: str) -> None:
     response = api.post("/v1/users", {"email_address": ["p@example.com"], "password": password})
-    error = only_error(response, 422, "form_password_length_too_short")
+    error = only_clerk_error(response, 422, "form_password_length_too_short")
     assert error["message"] == "Passwords must be 8 characters or more."
     assert error["meta"] == {"param_name": "password"}
 
@@ -341,9 +276,9 @@ def test_short_password_is_422_length_too_short(api: Api, password: str) -> None
 @pytest.mark.parametrize(
     "password", ["password", "password123", "12345678", "qwertyuiop", "iloveyou1", "Password123"]
 )
-def test_breached_password_is_422_pwned(api: Api, password: str) -> None:
+def test_breached_password_is_422_pwned(api: StandinApi, password: str) -> None:
     response = api.post("/v1/users", {"email_address": ["p@example.com"], "password": password})
-    error = only_error(response, 422, "form_password_pwned")
+    error = only_clerk_error(response, 422, "form_password_pwned")
     assert error["message"] == (
         "Password has been found in an online data breach. "
         "For account safety, please use a different password."
@@ -356,7 +291,7 @@ def test_breach_list_entries_are_long_enough_to_reach_the_breach_check() -> None
 
 
 @pytest.mark.parametrize("password", ["short", "password123"])
-def test_skip_password_checks_skips_length_and_breach_checks(api: Api, password: str) -> None:
+def test_skip_password_checks_skips_length_and_breach_checks(api: StandinApi, password: str) -> None:
     body = {"email_address": [f"{password}@example.com"], "password": password, "skip_password_checks": True}
     response = api.post("/v1/users", body)
     assert response.status_code == 200, response.text
@@ -364,9 +299,9 @@ def test_skip_password_checks_skips_length_and_breach_checks(api: Api, password:
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"'])
-def test_unparseable_or_non_object_body_is_400_request_body_invalid(api: Api, raw: bytes) -> None:
+def test_unparseable_or_non_object_body_is_400_request_body_invalid(api: StandinApi, raw: bytes) -> None:
     response = api.post("/v1/users", data=raw, headers={"Content-Type": "application/json"})
-    only_error(response, 400, "request_body_invalid")
+    only_clerk_error(response, 400, "request_body_invalid")
 
 
 def test_password_is_never_stored_echoed_or_logged(
@@ -374,7 +309,7 @@ def test_password_is_never_stored_echoed_or_logged(
 ) -> None:
     secret = "Zebra-Quartz-Lantern-4471"
     with StandinServer(log_requests=True) as logged, caplog.at_level(logging.DEBUG):
-        api = Api(logged)
+        api = StandinApi(logged)
         created = api.post("/v1/users", {"email_address": ["quiet@example.com"], "password": secret})
         fetched = api.get(f"/v1/users/{created.json()['id']}")
         listed = api.get("/v1/users")
@@ -390,15 +325,15 @@ def test_password_is_never_stored_echoed_or_logged(
 # --------------------------------------------------------------------------- get, delete
 
 
-def test_get_user_returns_it_and_404_when_unknown(api: Api) -> None:
+def test_get_user_returns_it_and_404_when_unknown(api: StandinApi) -> None:
     user = api.create_user("get@example.com")
     response = api.get(f"/v1/users/{user['id']}")
     assert response.status_code == 200 and response.json() == user
-    error = only_error(api.get("/v1/users/user_doesnotexist"), 404, "resource_not_found")
+    error = only_clerk_error(api.get("/v1/users/user_doesnotexist"), 404, "resource_not_found")
     assert "user_doesnotexist" in error["long_message"]
 
 
-def test_delete_user_returns_deleted_object_then_404(api: Api) -> None:
+def test_delete_user_returns_deleted_object_then_404(api: StandinApi) -> None:
     plain = api.create_user("del1@example.com")
     linked = api.create_user("del2@example.com", external_id="row-9")
     response = api.delete(f"/v1/users/{plain['id']}")
@@ -406,8 +341,8 @@ def test_delete_user_returns_deleted_object_then_404(api: Api) -> None:
     assert response.json() == {"object": "user", "id": plain["id"], "deleted": True}
     response = api.delete(f"/v1/users/{linked['id']}")
     assert response.json() == {"object": "user", "id": linked["id"], "deleted": True, "external_id": "row-9"}
-    only_error(api.get(f"/v1/users/{plain['id']}"), 404, "resource_not_found")
-    only_error(api.delete(f"/v1/users/{plain['id']}"), 404, "resource_not_found")
+    only_clerk_error(api.get(f"/v1/users/{plain['id']}"), 404, "resource_not_found")
+    only_clerk_error(api.delete(f"/v1/users/{plain['id']}"), 404, "resource_not_found")
     # the email is free again
     api.create_user("DEL1@example.com")
 
@@ -415,12 +350,12 @@ def test_delete_user_returns_deleted_object_then_404(api: Api) -> None:
 # --------------------------------------------------------------------------- list, count
 
 
-def test_list_is_a_bare_array_newest_first_with_default_limit_10(api: Api) -> None:
+def test_list_is_a_bare_array_newest_first_with_default_limit_10(api: StandinApi) -> None:
     created = [api.create_user(f"u{i:02d}@example.com")["id"] for i in range(12)]
     assert user_ids(api.get("/v1/users")) == created[::-1][:10]
 
 
-def test_list_paging_with_limit_and_offset(api: Api) -> None:
+def test_list_paging_with_limit_and_offset(api: StandinApi) -> None:
     created = [api.create_user(f"p{i:02d}@example.com")["id"] for i in range(7)]
     newest_first = created[::-1]
     assert user_ids(api.get("/v1/users", params={"limit": 3})) == newest_first[:3]
@@ -430,7 +365,7 @@ def test_list_paging_with_limit_and_offset(api: Api) -> None:
     assert len(user_ids(api.get("/v1/users", params={"limit": 500}))) == 7
 
 
-def test_list_order_by(api: Api) -> None:
+def test_list_order_by(api: StandinApi) -> None:
     ids = {
         email: api.create_user(email)["id"] for email in ["b@example.com", "C@example.com", "a@example.com"]
     }
@@ -444,7 +379,7 @@ def test_list_order_by(api: Api) -> None:
     assert user_ids(api.get("/v1/users", params={"order_by": "-email_address"})) == by_email[::-1]
 
 
-def test_list_filters_email_case_insensitively_with_repeated_keys(api: Api) -> None:
+def test_list_filters_email_case_insensitively_with_repeated_keys(api: StandinApi) -> None:
     first = api.create_user("first@example.com")["id"]
     second = api.create_user("Second@Example.com")["id"]
     api.create_user("third@example.com")
@@ -455,7 +390,7 @@ def test_list_filters_email_case_insensitively_with_repeated_keys(api: Api) -> N
     assert user_ids(api.get("/v1/users?email_address=")) == []
 
 
-def test_list_filters_external_id_and_user_id(api: Api) -> None:
+def test_list_filters_external_id_and_user_id(api: StandinApi) -> None:
     one = api.create_user("e1@example.com", external_id="row-1")["id"]
     two = api.create_user("e2@example.com", external_id="row-2")["id"]
     api.create_user("e3@example.com")
@@ -472,13 +407,13 @@ def test_list_filters_external_id_and_user_id(api: Api) -> None:
 @pytest.mark.parametrize(
     ("name", "value"), [("limit", "0"), ("limit", "501"), ("limit", "ten"), ("offset", "-1"), ("offset", "x")]
 )
-def test_list_bad_paging_values_are_422_value_invalid(api: Api, name: str, value: str) -> None:
-    error = only_error(api.get("/v1/users", params={name: value}), 422, "form_param_value_invalid")
+def test_list_bad_paging_values_are_422_value_invalid(api: StandinApi, name: str, value: str) -> None:
+    error = only_clerk_error(api.get("/v1/users", params={name: value}), 422, "form_param_value_invalid")
     assert error["meta"] == {"param_name": name}
 
 
-def test_list_unknown_order_by_is_422_value_invalid(api: Api) -> None:
-    error = only_error(
+def test_list_unknown_order_by_is_422_value_invalid(api: StandinApi) -> None:
+    error = only_clerk_error(
         api.get("/v1/users", params={"order_by": "-password"}), 422, "form_param_value_invalid"
     )
     assert error["meta"] == {"param_name": "order_by"}
@@ -508,7 +443,7 @@ VERIFIED_BY_ADMIN = MappingProxyType(
 )
 
 
-def two_address_user(api: Api) -> dict[str, Any]:
+def two_address_user(api: StandinApi) -> dict[str, Any]:
     response = api.post(
         "/v1/users", {"email_address": ["first@example.com", "second@example.com"], "password": None}
     )
@@ -516,17 +451,17 @@ def two_address_user(api: Api) -> dict[str, Any]:
     return response.json()
 
 
-def test_get_email_address_is_the_users_address_and_404_when_unknown(api: Api) -> None:
+def test_get_email_address_is_the_users_address_and_404_when_unknown(api: StandinApi) -> None:
     user = two_address_user(api)
     for address in user["email_addresses"]:
         response = api.get(f"/v1/email_addresses/{address['id']}")
         assert response.status_code == 200, response.text
         assert response.json() == address
-    error = only_error(api.get("/v1/email_addresses/idn_missing"), 404, "resource_not_found")
+    error = only_clerk_error(api.get("/v1/email_addresses/idn_missing"), 404, "resource_not_found")
     assert "idn_missing" in error["long_message"]
 
 
-def test_patch_verified_false_then_true_shows_in_the_address_and_the_user(api: Api) -> None:
+def test_patch_verified_false_then_true_shows_in_the_address_and_the_user(api: StandinApi) -> None:
     user = api.create_user("owner@example.com")
     [address] = user["email_addresses"]
     url = f"/v1/email_addresses/{address['id']}"
@@ -556,7 +491,7 @@ def test_patch_verified_false_then_true_shows_in_the_address_and_the_user(api: A
     assert api.get(f"/v1/users/{user['id']}").json()["email_addresses"] == [again.json()]
 
 
-def test_patch_primary_true_makes_it_the_users_primary_address(api: Api) -> None:
+def test_patch_primary_true_makes_it_the_users_primary_address(api: StandinApi) -> None:
     user = two_address_user(api)
     first, second = user["email_addresses"]
     assert user["primary_email_address_id"] == first["id"]
@@ -573,7 +508,7 @@ def test_patch_primary_true_makes_it_the_users_primary_address(api: Api) -> None
     assert api.get(f"/v1/users/{other['id']}").json() == other
 
 
-def test_patch_takes_nulls_as_absent_and_accepts_the_sdks_notify_flag(api: Api) -> None:
+def test_patch_takes_nulls_as_absent_and_accepts_the_sdks_notify_flag(api: StandinApi) -> None:
     user = api.create_user("n@example.com")
     [address] = user["email_addresses"]
     body = {"verified": None, "primary": None, "notify_primary_email_address_changed": False}
@@ -583,33 +518,33 @@ def test_patch_takes_nulls_as_absent_and_accepts_the_sdks_notify_flag(api: Api) 
     assert api.get(f"/v1/users/{user['id']}").json()["primary_email_address_id"] == address["id"]
 
 
-def test_patch_refusals_are_clerk_errors_and_change_nothing(api: Api) -> None:
+def test_patch_refusals_are_clerk_errors_and_change_nothing(api: StandinApi) -> None:
     user = api.create_user("r@example.com")
     [address] = user["email_addresses"]
     url = f"/v1/email_addresses/{address['id']}"
     unknown = api.patch(url, {"verified": False, "email_address": "x@example.com"})
-    assert only_error(unknown, 422, "form_param_unknown")["meta"] == {"param_name": "email_address"}
+    assert only_clerk_error(unknown, 422, "form_param_unknown")["meta"] == {"param_name": "email_address"}
     wrong = api.patch(url, {"verified": "false", "primary": 1})
     assert wrong.status_code == 422, wrong.text
     assert [(e["code"], e["meta"]) for e in wrong.json()["errors"]] == [
         ("form_param_type_invalid", {"param_name": "primary"}),
         ("form_param_type_invalid", {"param_name": "verified"}),
     ]
-    only_error(api.patch(url, data=b"{not json"), 400, "request_body_invalid")
+    only_clerk_error(api.patch(url, data=b"{not json"), 400, "request_body_invalid")
     missing = api.patch("/v1/email_addresses/idn_missing", {"verified": False})
-    assert "idn_missing" in only_error(missing, 404, "resource_not_found")["long_message"]
+    assert "idn_missing" in only_clerk_error(missing, 404, "resource_not_found")["long_message"]
     # Checked before the lookup, as for the other endpoints: a bad body is 422 whatever the id.
-    only_error(api.patch("/v1/email_addresses/idn_missing", {"nope": 1}), 422, "form_param_unknown")
+    only_clerk_error(api.patch("/v1/email_addresses/idn_missing", {"nope": 1}), 422, "form_param_unknown")
     assert api.get(f"/v1/users/{user['id']}").json() == user
 
 
-def test_email_address_routes_meet_faults_and_are_counted(api: Api) -> None:
+def test_email_address_routes_meet_faults_and_are_counted(api: StandinApi) -> None:
     user = api.create_user("f@example.com")
     [address] = user["email_addresses"]
     url = f"/v1/email_addresses/{address['id']}"
     api.fault(method="PATCH", path="/v1/email_addresses/", times=1, status=429, retry_after=2)
     limited = api.patch(url, {"verified": False})
-    only_error(limited, 429, "too_many_requests")
+    only_clerk_error(limited, 429, "too_many_requests")
     assert limited.headers["Retry-After"] == "2"
     assert api.get(url).json() == address  # the faulted PATCH changed nothing
     api.fault(path="/v1/email_addresses/", times=1, action="garbage")
@@ -625,7 +560,7 @@ def test_email_address_routes_meet_faults_and_are_counted(api: Api) -> None:
 # --------------------------------------------------------------------------- sessions, tokens, keys
 
 
-def test_create_session_returns_session_object(api: Api) -> None:
+def test_create_session_returns_session_object(api: StandinApi) -> None:
     user = api.create_user("s@example.com")
     response = api.post("/v1/sessions", {"user_id": user["id"]})
     assert response.status_code == 200, response.text
@@ -638,13 +573,13 @@ def test_create_session_returns_session_object(api: Api) -> None:
     assert session["expire_at"] > session["created_at"]
 
 
-def test_create_session_errors(api: Api) -> None:
-    only_error(api.post("/v1/sessions", {"user_id": "user_missing"}), 404, "resource_not_found")
-    only_error(api.post("/v1/sessions", {}), 422, "form_param_missing")
-    only_error(api.post("/v1/sessions", {"user_id": "x", "extra": 1}), 422, "form_param_unknown")
+def test_create_session_errors(api: StandinApi) -> None:
+    only_clerk_error(api.post("/v1/sessions", {"user_id": "user_missing"}), 404, "resource_not_found")
+    only_clerk_error(api.post("/v1/sessions", {}), 422, "form_param_missing")
+    only_clerk_error(api.post("/v1/sessions", {"user_id": "x", "extra": 1}), 422, "form_param_unknown")
 
 
-def test_session_token_has_clerk_header_and_claims_and_verifies_against_jwks(api: Api) -> None:
+def test_session_token_has_clerk_header_and_claims_and_verifies_against_jwks(api: StandinApi) -> None:
     user = api.create_user("t@example.com")
     session = api.post("/v1/sessions", {"user_id": user["id"]}).json()
     response = api.post(f"/v1/sessions/{session['id']}/tokens")
@@ -664,7 +599,7 @@ def test_session_token_has_clerk_header_and_claims_and_verifies_against_jwks(api
     assert claims["v"] == 2 and claims["sts"] == "active" and claims["fva"] == [0, -1]
 
 
-def test_token_lifetime_is_configurable_and_bounded(api: Api) -> None:
+def test_token_lifetime_is_configurable_and_bounded(api: StandinApi) -> None:
     user = api.create_user("life@example.com")
     session_id = api.post("/v1/sessions", {"user_id": user["id"]}).json()["id"]
     token = api.post(f"/v1/sessions/{session_id}/tokens", {"expires_in_seconds": 600}).json()["jwt"]
@@ -673,18 +608,18 @@ def test_token_lifetime_is_configurable_and_bounded(api: Api) -> None:
     null_body = api.post(f"/v1/sessions/{session_id}/tokens", {"expires_in_seconds": None})
     assert null_body.status_code == 200
     too_short = api.post(f"/v1/sessions/{session_id}/tokens", {"expires_in_seconds": 5})
-    only_error(too_short, 422, "form_param_value_invalid")
-    only_error(api.post("/v1/sessions/sess_missing/tokens"), 404, "resource_not_found")
+    only_clerk_error(too_short, 422, "form_param_value_invalid")
+    only_clerk_error(api.post("/v1/sessions/sess_missing/tokens"), 404, "resource_not_found")
 
 
-def test_deleting_a_user_ends_its_sessions(api: Api) -> None:
+def test_deleting_a_user_ends_its_sessions(api: StandinApi) -> None:
     user = api.create_user("gone@example.com")
     session_id = api.post("/v1/sessions", {"user_id": user["id"]}).json()["id"]
     api.delete(f"/v1/users/{user['id']}")
-    only_error(api.post(f"/v1/sessions/{session_id}/tokens"), 404, "resource_not_found")
+    only_clerk_error(api.post(f"/v1/sessions/{session_id}/tokens"), 404, "resource_not_found")
 
 
-def test_jwks_shape_and_stable_kid(api: Api) -> None:
+def test_jwks_shape_and_stable_kid(api: StandinApi) -> None:
     first = api.get("/v1/jwks")
     assert first.status_code == 200
     [key] = first.json()["keys"]
@@ -709,7 +644,7 @@ def test_key_file_is_created_once_and_keeps_the_kid(tmp_path: Path) -> None:
     assert ClerkStandin().signing_key.kid != first.signing_key.kid
 
 
-def test_rotate_key_serves_new_kid_and_optionally_keeps_the_old_one(api: Api) -> None:
+def test_rotate_key_serves_new_kid_and_optionally_keeps_the_old_one(api: StandinApi) -> None:
     user = api.create_user("rot@example.com")
     session_id = api.post("/v1/sessions", {"user_id": user["id"]}).json()["id"]
     old_token = api.post(f"/v1/sessions/{session_id}/tokens").json()["jwt"]
@@ -732,7 +667,7 @@ def test_rotate_key_serves_new_kid_and_optionally_keeps_the_old_one(api: Api) ->
     assert [k["kid"] for k in api.get("/v1/jwks").json()["keys"]] == [old_kid]
 
 
-def test_sign_endpoint_signs_arbitrary_claims_with_the_current_key(api: Api) -> None:
+def test_sign_endpoint_signs_arbitrary_claims_with_the_current_key(api: StandinApi) -> None:
     now = int(time.time())
     claims = {
         "sub": "user_x",
@@ -765,7 +700,7 @@ def test_sign_endpoint_signs_arbitrary_claims_with_the_current_key(api: Api) -> 
 # --------------------------------------------------------------------------- faults
 
 
-def test_global_latency_fault_slows_every_v1_request_but_not_control(api: Api) -> None:
+def test_global_latency_fault_slows_every_v1_request_but_not_control(api: StandinApi) -> None:
     api.fault(latency_ms=300)
     started = time.monotonic()
     assert api.get("/v1/jwks").status_code == 200
@@ -782,12 +717,12 @@ def test_global_latency_fault_slows_every_v1_request_but_not_control(api: Api) -
     assert time.monotonic() - started < 0.25
 
 
-def test_status_fault_is_limited_to_method_path_and_times_with_retry_after(api: Api) -> None:
+def test_status_fault_is_limited_to_method_path_and_times_with_retry_after(api: StandinApi) -> None:
     api.fault(method="POST", path="/v1/users", times=1, status=429, retry_after=7)
     assert api.get("/v1/users").status_code == 200  # other method: untouched
     body = {"email_address": ["rl@example.com"], "password": "a fine long passphrase"}
     limited = api.post("/v1/users", body)
-    error = only_error(limited, 429, "too_many_requests")
+    error = only_clerk_error(limited, 429, "too_many_requests")
     assert limited.headers["Retry-After"] == "7"
     assert limited.headers["Clerk-Api-Version"] == "2021-02-05"
     assert error["long_message"] == "Too many requests, retry later"
@@ -799,25 +734,25 @@ def test_status_fault_is_limited_to_method_path_and_times_with_retry_after(api: 
 @pytest.mark.parametrize(
     ("status", "code"), [(500, "internal_clerk_error"), (502, "bad_gateway"), (503, "service_unavailable")]
 )
-def test_status_faults_answer_clerk_envelopes(api: Api, status: int, code: str) -> None:
+def test_status_faults_answer_clerk_envelopes(api: StandinApi, status: int, code: str) -> None:
     api.fault(path="/v1/users", status=status)
-    only_error(api.get("/v1/users"), status, code)
-    only_error(api.get("/v1/users/count"), status, code)  # path is a prefix, no times = until cleared
+    only_clerk_error(api.get("/v1/users"), status, code)
+    only_clerk_error(api.get("/v1/users/count"), status, code)  # path is a prefix, no times = until cleared
     assert api.get("/v1/jwks").status_code == 200
     assert "Retry-After" not in api.get("/v1/users").headers
 
 
-def test_default_429_has_retry_after_one_and_custom_code(api: Api) -> None:
+def test_default_429_has_retry_after_one_and_custom_code(api: StandinApi) -> None:
     api.fault(status=429, times=1)
     assert api.get("/v1/jwks").headers["Retry-After"] == "1"
     api.fault(
         status=422, code="form_password_not_strong_enough", message="Given password is not strong enough."
     )
-    error = only_error(api.get("/v1/jwks"), 422, "form_password_not_strong_enough")
+    error = only_clerk_error(api.get("/v1/jwks"), 422, "form_password_not_strong_enough")
     assert error["message"] == "Given password is not strong enough."
 
 
-def test_hang_fault_exceeds_the_client_read_timeout(api: Api) -> None:
+def test_hang_fault_exceeds_the_client_read_timeout(api: StandinApi) -> None:
     api.fault(method="POST", path="/v1/users", action="hang", seconds=2, times=1)
     started = time.monotonic()
     with pytest.raises(requests.ReadTimeout):
@@ -826,14 +761,14 @@ def test_hang_fault_exceeds_the_client_read_timeout(api: Api) -> None:
     assert api.get("/v1/users/count").json()["total_count"] == 0
 
 
-def test_drop_fault_closes_the_connection_without_a_response(api: Api) -> None:
+def test_drop_fault_closes_the_connection_without_a_response(api: StandinApi) -> None:
     api.fault(method="GET", path="/v1/jwks", action="drop", times=1)
     with pytest.raises(requests.ConnectionError):
         api.get("/v1/jwks")
     assert api.get("/v1/jwks").status_code == 200
 
 
-def test_garbage_fault_returns_a_non_json_200(api: Api) -> None:
+def test_garbage_fault_returns_a_non_json_200(api: StandinApi) -> None:
     api.fault(action="garbage", times=1)
     response = api.get("/v1/users")
     assert response.status_code == 200
@@ -842,7 +777,7 @@ def test_garbage_fault_returns_a_non_json_200(api: Api) -> None:
 
 
 @pytest.mark.parametrize("fault", [{"status": 500}, {"action": "drop"}, {"action": "hang", "seconds": 0.5}])
-def test_after_commit_fault_creates_the_user_then_fails(api: Api, fault: dict[str, Any]) -> None:
+def test_after_commit_fault_creates_the_user_then_fails(api: StandinApi, fault: dict[str, Any]) -> None:
     api.fault(method="POST", path="/v1/users", times=1, after_commit=True, **fault)
     body = {
         "email_address": ["half@example.com"],
@@ -860,7 +795,7 @@ def test_after_commit_fault_creates_the_user_then_fails(api: Api, fault: dict[st
     assert errors == [("form_identifier_exists", "email_address"), ("form_identifier_exists", "external_id")]
 
 
-def test_garbage_fault_with_a_status_is_a_gateway_error_page(api: Api) -> None:
+def test_garbage_fault_with_a_status_is_a_gateway_error_page(api: StandinApi) -> None:
     api.fault(method="POST", path="/v1/users", action="garbage", status=502, times=1)
     response = api.post("/v1/users", {"email_address": ["gw@example.com"]})
     assert response.status_code == 502
@@ -869,7 +804,7 @@ def test_garbage_fault_with_a_status_is_a_gateway_error_page(api: Api) -> None:
     assert api.get("/v1/users/count").json()["total_count"] == 0
 
 
-def test_a_delayed_create_is_stored_after_the_caller_gave_up(api: Api) -> None:
+def test_a_delayed_create_is_stored_after_the_caller_gave_up(api: StandinApi) -> None:
     api.fault(method="POST", path="/v1/users", latency_ms=800, times=1)
     body = {"email_address": ["late@example.com"], "password": "a fine long passphrase", "external_id": "r"}
     with pytest.raises(requests.ReadTimeout):
@@ -883,7 +818,7 @@ def test_a_delayed_create_is_stored_after_the_caller_gave_up(api: Api) -> None:
     assert user["email_addresses"][0]["email_address"] == "late@example.com"
 
 
-def test_hold_fault_parks_requests_until_released(api: Api) -> None:
+def test_hold_fault_parks_requests_until_released(api: StandinApi) -> None:
     held = api.fault(method="DELETE", path="/v1/users/", action="hold", times=1)
     user = api.create_user("held@example.com")
     answers: list[requests.Response] = []
@@ -903,30 +838,30 @@ def test_hold_fault_parks_requests_until_released(api: Api) -> None:
     assert api.control("GET", "/faults/999/held").status_code == 404
 
 
-def test_hold_fault_with_seconds_lets_go_by_itself(api: Api) -> None:
+def test_hold_fault_with_seconds_lets_go_by_itself(api: StandinApi) -> None:
     api.fault(method="GET", path="/v1/jwks", action="hold", seconds=0.3, times=1)
     assert api.get("/v1/jwks").status_code == 200
 
 
-def test_verify_password_answers_like_clerk(api: Api) -> None:
+def test_verify_password_answers_like_clerk(api: StandinApi) -> None:
     user = api.create_user("pw@example.com", password="a fine long passphrase")
     path = f"/v1/users/{user['id']}/verify_password"
     right = api.post(path, {"password": "a fine long passphrase"})
     assert (right.status_code, right.json()) == (200, {"verified": True})
-    only_error(api.post(path, {"password": "a fine long passphrasE"}), 422, "incorrect_password")
-    only_error(api.post(path, {"password": "a", "extra": 1}), 422, "form_param_unknown")
-    only_error(
+    only_clerk_error(api.post(path, {"password": "a fine long passphrasE"}), 422, "incorrect_password")
+    only_clerk_error(api.post(path, {"password": "a", "extra": 1}), 422, "form_param_unknown")
+    only_clerk_error(
         api.post("/v1/users/user_missing/verify_password", {"password": "x"}), 404, "resource_not_found"
     )
     passwordless = api.create_user("nopw@example.com", password=None)
-    only_error(
+    only_clerk_error(
         api.post(f"/v1/users/{passwordless['id']}/verify_password", {"password": "x"}),
         422,
         "incorrect_password",
     )
 
 
-def test_faults_are_listed_counted_down_and_cleared(api: Api) -> None:
+def test_faults_are_listed_counted_down_and_cleared(api: StandinApi) -> None:
     first = api.fault(method="get", path="/v1/jwks", status=503, times=2)
     second = api.fault(latency_ms=10)
     assert first["method"] == "GET" and first["times"] == 2
@@ -951,7 +886,7 @@ def test_faults_are_listed_counted_down_and_cleared(api: Api) -> None:
         {"status": 500, "colour": "red"},
     ],
 )
-def test_invalid_fault_specs_are_rejected(api: Api, fault: dict[str, Any]) -> None:
+def test_invalid_fault_specs_are_rejected(api: StandinApi, fault: dict[str, Any]) -> None:
     response = api.control("POST", "/faults", fault)
     assert response.status_code == 400 and response.json()["error"]
     assert api.control("GET", "/faults").json() == {"faults": []}
@@ -960,7 +895,7 @@ def test_invalid_fault_specs_are_rejected(api: Api, fault: dict[str, Any]) -> No
 # --------------------------------------------------------------------------- connections, stats
 
 
-def test_keep_alive_two_requests_share_one_connection(api: Api) -> None:
+def test_keep_alive_two_requests_share_one_connection(api: StandinApi) -> None:
     with requests.Session() as session:
         session.headers.update(api.headers)
         first = session.get(api.base + "/v1/jwks", timeout=TIMEOUT)
@@ -976,7 +911,7 @@ def test_keep_alive_two_requests_share_one_connection(api: Api) -> None:
     assert stats["connections_accepted"] >= 2  # the session's, and this stats call's
 
 
-def test_connection_close_requests_open_one_connection_each(api: Api) -> None:
+def test_connection_close_requests_open_one_connection_each(api: StandinApi) -> None:
     with requests.Session() as session:
         session.headers.update({**api.headers, "Connection": "close"})
         for _ in range(3):
@@ -984,7 +919,7 @@ def test_connection_close_requests_open_one_connection_each(api: Api) -> None:
     assert api.stats()["connections"] == 3
 
 
-def test_keep_alive_survives_unread_bodies_and_faults(api: Api) -> None:
+def test_keep_alive_survives_unread_bodies_and_faults(api: StandinApi) -> None:
     """A request whose body the stand-in never reads (bad key, injected status) must not
     corrupt the next request on the same connection."""
     api.fault(method="POST", path="/v1/sessions", status=503, times=1)
@@ -1004,7 +939,7 @@ def test_keep_alive_survives_unread_bodies_and_faults(api: Api) -> None:
     assert api.stats()["connections"] == 1
 
 
-def test_stats_count_requests_per_route_including_unmatched(api: Api) -> None:
+def test_stats_count_requests_per_route_including_unmatched(api: StandinApi) -> None:
     user = api.create_user("st@example.com")
     api.get(f"/v1/users/{user['id']}")
     api.get("/v1/users/user_other")
@@ -1058,7 +993,7 @@ def test_cli_serves_with_defaults_and_logs_no_bodies(tmp_path: Path) -> None:
 
 # The SDK reads its own deprecated query fields when building GET /v1/users (pydantic warns).
 @pytest.mark.filterwarnings("ignore:.*DEPRECATED.*:DeprecationWarning")
-def test_clerk_python_sdk_works_unchanged(standin: StandinServer, api: Api) -> None:
+def test_clerk_python_sdk_works_unchanged(standin: StandinServer, api: StandinApi) -> None:
     from clerk_backend_api import Clerk, models
     from clerk_backend_api.security import verify_token
     from clerk_backend_api.security.types import VerifyTokenOptions
@@ -1101,7 +1036,7 @@ def test_clerk_python_sdk_works_unchanged(standin: StandinServer, api: Api) -> N
             clerk.users.get(user_id=user.id)
 
 
-def test_clerk_python_sdk_reads_and_marks_email_verification(standin: StandinServer, api: Api) -> None:
+def test_clerk_python_sdk_reads_and_marks_email_verification(standin: StandinServer, api: StandinApi) -> None:
     from clerk_backend_api import Clerk, models
 
     user = api.create_user("sdk-verify@example.com")
