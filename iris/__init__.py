@@ -63,11 +63,14 @@ def _init_extensions(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from iris import api, docs, ops, web
+    from iris import api, docs, ops, web, webhooks
     from iris.extensions import csrf, limiter
 
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # the JSON API is not cookie-authenticated for writes; forms keep CSRF
+    app.register_blueprint(webhooks.bp)
+    csrf.exempt(webhooks.bp)
+    limiter.exempt(webhooks.bp)  # Svix signs its requests; a limit would only multiply its retries
     app.register_blueprint(ops.bp)
     limiter.exempt(ops.bp)  # load balancers poll these
     app.register_blueprint(web.bp)

@@ -56,7 +56,9 @@ PASSWORD_CODES = {
 
 # One retry, only where it cannot duplicate anything or stretch a slow call: a connection that could not be
 # opened, so the request never left. (urllib3 already drops kept-alive sockets the server has closed.)
-RETRIES = Retry(total=1, connect=1, read=0, status=0, other=0)
+# respect_retry_after_header off: urllib3 would otherwise treat a 429 or 503 carrying Retry-After as a retry
+# with no retries left and raise, hiding Clerk's answer (and its Retry-After) from _error_for.
+RETRIES = Retry(total=1, connect=1, read=0, status=0, other=0, respect_retry_after_header=False)
 
 _local = threading.local()
 
@@ -125,6 +127,25 @@ def set_email_verified(email_address_id: str, verified: bool) -> dict[str, Any]:
     )
 
 
+def ban_user(clerk_user_id: str) -> dict[str, Any]:
+    """Ban a Clerk user (``POST /v1/users/{id}/ban``): Clerk ends their sessions and refuses their sign-ins
+    from then on. Returns the user, ``banned`` true.
+
+    Idempotent: banning a banned user, or a lost call landing late, leaves the same state. ``NotFoundAtClerk``
+    when Clerk has no such user (deleted).
+    """
+    return _call("POST", f"/users/{clerk_user_id}/ban", path_template="/users/{id}/ban")
+
+
+def unban_user(clerk_user_id: str) -> dict[str, Any]:
+    """Lift a Clerk user's ban (``POST /v1/users/{id}/unban``): they can sign in again. Returns the user,
+    ``banned`` false.
+
+    Idempotent, like ``ban_user``. ``NotFoundAtClerk`` when Clerk has no such user (deleted).
+    """
+    return _call("POST", f"/users/{clerk_user_id}/unban", path_template="/users/{id}/unban")
+
+
 def find_users(*, email: str | None = None, external_id: str | None = None) -> list[dict[str, Any]]:
     """Clerk users matching an email address or an external_id (at most 10)."""
     params = {}
@@ -134,6 +155,49 @@ def find_users(*, email: str | None = None, external_id: str | None = None) -> l
         params["external_id"] = external_id
     users = _call("GET", "/users", params=params)
     if not isinstance(users, list):
+        raise AuthProviderError()
+    return users
+
+
+# Clerk's largest page (GET /v1/users ``limit``), and how many values one list filter takes.
+PAGE_LIMIT = 500
+FILTER_LIMIT = 100
+
+
+def list_users(*, limit: int = PAGE_LIMIT, starting_after: str | None = None) -> list[dict[str, Any]]:
+    """One page of Clerk's users, newest first, after the user ``starting_after`` (cursor paging).
+
+    Walking every page from ``starting_after=None`` until a page is shorter than ``limit`` sees every user
+    that existed for the whole walk exactly once; cursor paging stays fast where a large ``offset`` does not.
+    """
+    params: dict[str, Any] = {"limit": str(limit), "order_by": "-created_at"}
+    if starting_after is not None:
+        params["starting_after"] = starting_after
+    return _user_list(params)
+
+
+def users_by_id(clerk_user_ids: list[str]) -> list[dict[str, Any]]:
+    """The Clerk users among ``clerk_user_ids`` (at most ``FILTER_LIMIT``); ids Clerk does not know are left
+    out, so a missing one is a deleted user (Clerk never reuses ids)."""
+    if len(clerk_user_ids) > FILTER_LIMIT:
+        raise ValueError(f"at most {FILTER_LIMIT} ids per call")
+    if not clerk_user_ids:
+        return []
+    return _user_list({"user_id": clerk_user_ids, "limit": str(FILTER_LIMIT)})
+
+
+def count_users() -> int:
+    """How many users Clerk has (``GET /v1/users/count``)."""
+    answer = _call("GET", "/users/count")
+    total = answer.get("total_count") if isinstance(answer, dict) else None
+    if not isinstance(total, int):
+        raise AuthProviderError()
+    return total
+
+
+def _user_list(params: dict[str, Any]) -> list[dict[str, Any]]:
+    users = _call("GET", "/users", params=params)
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
         raise AuthProviderError()
     return users
 
@@ -180,7 +244,7 @@ def _call(
     path: str,
     *,
     json: dict[str, Any] | None = None,
-    params: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
     path_template: str | None = None,
 ) -> Any:
     config = current_app.config

@@ -7,8 +7,10 @@ line on stderr, ``Error: ...``, and exit status 1. An unexpected error is one li
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
@@ -18,7 +20,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from iris import clerk, mail, registration, verification
+from iris import clerk, maintenance
 from iris.config import database_uri, direct_engine
 from iris.errors import (
     DATABASE_UNREACHABLE,
@@ -67,23 +69,63 @@ def iris_cli(verbose: bool) -> None:
 
 
 @iris_cli.command("reconcile")
-def reconcile_command() -> None:
-    """Complete or undo registrations that died half-way (see iris.registration), remove accounts left
-    unconfirmed longer than IRIS_UNVERIFIED_TTL_HOURS, and send the mails not sent yet (iris.mail).
+@click.option("--dry-run", is_flag=True, help="Read everything, change nothing; list what would change.")
+def reconcile_command(dry_run: bool) -> None:
+    """The maintenance pass (iris.maintenance): settle registrations that died half-way, walk Clerk's users
+    and Iris's accounts and repair drift both ways, remove accounts left unconfirmed longer than
+    IRIS_UNVERIFIED_TTL_HOURS, send the mails not sent yet, forget old webhook ids.
 
-    The summary line counts each. Exits 1 when something could not be done (Clerk, the database or the mail
-    server unreachable); run it again later.
+    Shows progress on a terminal, then every change made and a summary line. Exits 1 when something could
+    not be reached (Clerk, the database, the mail server): run it again later, it carries on safely. Runs
+    alone: a second pass started meanwhile says so and exits 0. Safe from cron at any interval.
     """
-    counts = registration.reconcile()
-    expired = verification.expire_unconfirmed()
-    mails = mail.send_unsent(verification.compose)
-    click.echo(
-        f"completed {counts['completed']}, removed {counts['removed']}, failed {counts['failed']};"
-        f" unconfirmed accounts removed {expired['removed']}, not removed {expired['failed']};"
-        f" mails sent {mails['sent']}, not sent {mails['failed']}"
-    )
-    if counts["failed"] or expired["failed"] or mails["failed"]:
+    with maintenance.exclusive() as held:
+        if not held:
+            click.echo("Another `flask iris reconcile` is running; this one did nothing.")
+            return
+        report = maintenance.run(dry_run=dry_run, progress=_progress)
+    if report.changes:
+        click.echo("Would change:" if dry_run else "Changed:")
+        for line in report.changes:
+            click.echo(f"  {line}")
+        if report.unlisted:
+            click.echo(f"  ... and {report.unlisted} more")
+    for line in report.failures:
+        click.echo(f"Failed: {line}", err=True)
+    counts = ", ".join(f"{kind} {report.counts[kind]}" for kind in SUMMARY_KINDS)
+    extra = sorted(set(report.counts) - set(SUMMARY_KINDS))
+    counts += "".join(f", {kind} {report.counts[kind]}" for kind in extra)
+    click.echo(("Dry run, nothing changed: " if dry_run else "Summary: ") + counts)
+    if report.counts["failed"]:
         raise SystemExit(1)
+
+
+# The counts every reconcile summary shows, zeros included, in the order the pass makes them.
+SUMMARY_KINDS = (
+    "pending_completed",
+    "pending_removed",
+    "created",
+    "completed",
+    "email_changed",
+    "confirmed",
+    "unconfirmed",
+    "deleted",
+    "clerk_user_deleted",
+    "clerk_user_banned",
+    "unconfirmed_removed",
+    "mail_sent",
+    "failed",
+)
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise (cron, pipes, logs)."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
 
 
 @iris_cli.command("token")

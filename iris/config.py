@@ -34,6 +34,8 @@ from iris.models import SIGNUP_ROLES
 # Where `make run` starts the local Clerk stand-in, and the key it accepts.
 DEV_CLERK_API_URL = "http://127.0.0.1:5001"
 DEV_CLERK_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in's key, not a secret)
+# The signing secret `make run` gives the stand-in and the app, so the stand-in's webhooks verify.
+DEV_WEBHOOK_SIGNING_SECRET = "whsec_aXJpcy1sb2NhbC1zdGFuZGluLXdlYmhvb2tzLTMyYnl0ZXM="  # noqa: S105
 DEV_PUBLIC_URL = "http://127.0.0.1:5000"  # `make run`'s app (scripts/dev.py sets its own port)
 
 # Upper bound for any one statement or lock wait on PostgreSQL (IRIS_DB_STATEMENT_TIMEOUT_MS). A blocked
@@ -199,6 +201,22 @@ def _verification(name: str, value: str) -> str:
     return value
 
 
+def _webhook_secret(name: str, value: str) -> str:
+    """A Svix signing secret: ``whsec_`` and the base64 of the key, as Clerk's dashboard shows it."""
+    key = b""
+    if value.startswith("whsec_"):
+        try:
+            key = base64.b64decode(value[6:], validate=True)
+        except binascii.Error:
+            key = b""
+    if not key:
+        raise ConfigError(
+            f"Iris cannot start: {name} is not a webhook signing secret (whsec_ followed by base64). Copy it"
+            " from the Clerk Dashboard (Webhooks, your endpoint, Signing Secret)."
+        )
+    return value
+
+
 def _list(name: str, value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -268,7 +286,8 @@ ENVIRONMENT: dict[str, Setting] = {
     "DATABASE_URL_DIRECT": Setting("DATABASE_URL_DIRECT"),
     "CLERK_API_URL": Setting("CLERK_API_URL", "https://api.clerk.com", _url),
     "CLERK_AUTHORIZED_PARTIES": Setting("CLERK_AUTHORIZED_PARTIES", [], _list),
-    "CLERK_WEBHOOK_SIGNING_SECRET": Setting("CLERK_WEBHOOK_SIGNING_SECRET"),
+    # Unset: POST /api/v1/webhooks/clerk answers 404 (reconcile alone keeps Iris in step).
+    "CLERK_WEBHOOK_SIGNING_SECRET": Setting("CLERK_WEBHOOK_SIGNING_SECRET", None, _webhook_secret),
     "IRIS_TIMEZONE": Setting("IRIS_TIMEZONE", "Europe/Stockholm"),
     "IRIS_PROXY_HOPS": Setting("IRIS_PROXY_HOPS", 0, _whole_number),
     "IRIS_DB_STATEMENT_TIMEOUT_MS": Setting(
@@ -385,3 +404,6 @@ def _fill_in_development_defaults(
             settings["IRIS_SIGN_IN_URL"] = settings["CLERK_API_URL"] + "/sign-in"
         if "IRIS_SIGN_OUT_URL" not in env:
             settings["IRIS_SIGN_OUT_URL"] = settings["CLERK_API_URL"] + "/sign-out"
+        # The secret `make run` gives the stand-in for signing its webhooks.
+        if "CLERK_WEBHOOK_SIGNING_SECRET" not in env:
+            settings["CLERK_WEBHOOK_SIGNING_SECRET"] = DEV_WEBHOOK_SIGNING_SECRET

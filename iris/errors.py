@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -122,6 +124,32 @@ class LeaseLost(RegistrationInProgress):
     """Someone else claimed the pending row: its registration is theirs to settle now (409, retry later)."""
 
 
+class InvalidWebhook(IrisError):
+    """A Clerk webhook whose Svix signature is missing, wrong or too old or new: nothing is applied (400)."""
+
+    status_code = 400
+    code = "invalid_signature"
+    message = "The webhook signature is missing or does not verify."
+
+
+class InvalidEvent(IrisError):
+    """A signed webhook whose event is not a Clerk user event Iris can read (400; nothing applied)."""
+
+    status_code = 400
+    code = "invalid_event"
+    message = "The webhook event is not in the form Clerk sends."
+
+
+class SyncDeferred(IrisError):
+    """A Clerk change that cannot be applied yet (its email is held by a registration in flight, or by an
+    account whose own change has not arrived): 503, and the sender retries it later."""
+
+    status_code = 503
+    code = "sync_deferred"
+    message = "This change cannot be applied yet; send it again later."
+    retry_after = 60
+
+
 class UnsupportedMediaType(IrisError):
     status_code = 415
     code = "unsupported_media_type"
@@ -215,6 +243,17 @@ DATABASE_UNREACHABLE = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutE
 # SQLSTATEs of a statement PostgreSQL cancelled: query_canceled (statement_timeout) and lock_not_available
 # (lock_timeout).
 STATEMENT_CANCELLED = ("57014", "55P03")
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn "cannot reach the database" (``DATABASE_UNREACHABLE``) raised in the block into
+    ``DatabaseUnavailable`` (503), rolling the session back first."""
+    try:
+        yield
+    except DATABASE_UNREACHABLE as error:
+        db.session.rollback()
+        raise DatabaseUnavailable() from error
 
 
 def database_failure(error: BaseException | None) -> str:

@@ -86,6 +86,9 @@ class User(BaseModel):
     # When the owner proved the email is theirs (iris.verification); NULL: not confirmed yet. With
     # IRIS_EMAIL_VERIFICATION=off it is set when the registration completes.
     email_verified_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    # Clerk's ``updated_at`` (Unix ms) of the Clerk user state this row reflects (iris.clerk_sync): a webhook
+    # or reconcile applies a Clerk user only when it is newer. NULL: not synced from Clerk yet.
+    clerk_updated_at: Mapped[int | None] = mapped_column(sa.BigInteger)
 
     @orm.validates("email")
     def _normalise_email(self, key: str, value: str) -> str:
@@ -122,6 +125,33 @@ class MailOutbox(db.Model):
     sent_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(sa.String(200))
+
+
+class ClerkWebhookDelivery(db.Model):
+    """A Clerk webhook delivery already applied, by its ``svix-id`` (the same across Svix's retries).
+
+    Lets a retried or replayed delivery be acknowledged without applying it again. Pruned by
+    ``flask iris reconcile`` once older than Svix's whole retry schedule; applying an event twice is harmless
+    anyway (iris.clerk_sync applies only newer states), so the table saves work, it does not keep correctness.
+    """
+
+    __tablename__ = "clerk_webhook_deliveries"
+    __table_args__ = (sa.Index("ix_clerk_webhook_deliveries_received_at", "received_at"),)
+
+    svix_id: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    event_type: Mapped[str] = mapped_column(sa.String(100))
+    received_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class ClerkDeletedUser(db.Model):
+    """A Clerk user known to be deleted. Clerk never reuses a user id, so this is for ever: no later event
+    about the user (a late ``user.updated``, a ``user.created`` delivered after the ``user.deleted``) makes or
+    revives an account for it."""
+
+    __tablename__ = "clerk_deleted_users"
+
+    clerk_user_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
 
 
 def normalise_email(value: str) -> str:

@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
@@ -69,6 +67,7 @@ from iris.errors import (
     LeaseLost,
     RegistrationInProgress,
     ValidationFailed,
+    database_errors,
     database_failure,
     field_error,
 )
@@ -147,7 +146,7 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     more than once, and concurrently with registrations and with itself.
     """
     now = now or datetime.now(UTC)
-    with _database():
+    with database_errors():
         expired = (
             db.session.execute(
                 sa.select(User.id)
@@ -241,7 +240,7 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
     """
     lease = Lease(uuid.uuid4(), uuid.uuid4())
     now = datetime.now(UTC)
-    with _database():
+    with database_errors():
         db.session.add(
             User(
                 id=lease.user_id,
@@ -339,10 +338,10 @@ def _remove_strays(email: str) -> bool:
         holders = clerk.find_users(email=email)
     except IrisError:
         return False
-    ids = [_our_id(holder.get("external_id")) for holder in holders]
+    ids = [our_id(holder.get("external_id")) for holder in holders]
     if not holders or None in ids or any(holder.get("banned") for holder in holders):
         return False
-    with _database():
+    with database_errors():
         claimed = db.session.execute(sa.select(sa.func.count()).where(User.id.in_(ids))).scalar_one()
         db.session.rollback()
     if claimed:
@@ -358,7 +357,8 @@ def _remove_strays(email: str) -> bool:
     return True
 
 
-def _our_id(external_id: object) -> uuid.UUID | None:
+def our_id(external_id: object) -> uuid.UUID | None:
+    """The row id an ``external_id`` names if it is one of ours (a UUID), else None."""
     if not isinstance(external_id, str):
         return None
     try:
@@ -377,7 +377,7 @@ def _complete(lease: Lease, clerk_user_id: str) -> tuple[User, uuid.UUID | None]
     unknown.
     """
     confirmed = {} if verification.required() else {"email_verified_at": datetime.now(UTC)}
-    with _database():
+    with database_errors():
         user = db.session.execute(
             sa.update(User)
             .where(
@@ -482,7 +482,7 @@ def _claim(user_id: uuid.UUID, now: datetime) -> Lease | None:
     """Take the lease on pending row ``user_id`` if it has run out; None if it has not, or the row is complete
     or gone. One conditional UPDATE, so of several settlers exactly one gets it."""
     lease = Lease(user_id, uuid.uuid4())
-    with _database():
+    with database_errors():
         claimed = db.session.execute(
             sa.update(User)
             .where(User.id == user_id, User.clerk_user_id.is_(None), User.pending_until < now)
@@ -490,16 +490,6 @@ def _claim(user_id: uuid.UUID, now: datetime) -> Lease | None:
         ).rowcount
         db.session.commit()
     return lease if claimed else None
-
-
-@contextmanager
-def _database() -> Iterator[None]:
-    """Turn "cannot reach the database" into ``DatabaseUnavailable``, rolling back first."""
-    try:
-        yield
-    except DATABASE_UNREACHABLE as error:
-        db.session.rollback()
-        raise DatabaseUnavailable() from error
 
 
 def _seconds_until(moment: datetime, now: datetime) -> int:

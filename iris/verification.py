@@ -206,19 +206,7 @@ def expire_unconfirmed(now: datetime | None = None) -> dict[str, int]:
     ``{"removed": n, "failed": n}`` (failed: Clerk unreachable; tried again next run). Nothing when
     verification is off."""
     counts = {"removed": 0, "failed": 0}
-    if not required():
-        return counts
-    now = now or datetime.now(UTC)
-    cutoff = now - timedelta(hours=current_app.config["IRIS_UNVERIFIED_TTL_HOURS"])
-    users = (
-        db.session.execute(
-            sa.select(User).where(
-                User.clerk_user_id.is_not(None), User.email_verified_at.is_(None), User.created_at < cutoff
-            )
-        )
-        .scalars()
-        .all()
-    )
+    users = unconfirmed_too_long(now)
     db.session.rollback()
     for user in users:
         try:
@@ -228,6 +216,18 @@ def expire_unconfirmed(now: datetime | None = None) -> dict[str, int]:
             log.warning("account %s: unconfirmed too long, but Clerk could not remove it now", user.id)
             counts["failed"] += 1
     return counts
+
+
+def unconfirmed_too_long(now: datetime | None = None) -> list[User]:
+    """The complete accounts still unconfirmed IRIS_UNVERIFIED_TTL_HOURS after they were created (none when
+    verification is off). Reads only; the caller ends the transaction."""
+    if not required():
+        return []
+    cutoff = (now or datetime.now(UTC)) - timedelta(hours=current_app.config["IRIS_UNVERIFIED_TTL_HOURS"])
+    query = sa.select(User).where(
+        User.clerk_user_id.is_not(None), User.email_verified_at.is_(None), User.created_at < cutoff
+    )
+    return list(db.session.execute(query).scalars())
 
 
 def _primary_address_id(clerk_user: dict[str, Any]) -> str:

@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
         _development_environment(f"http://{HOST}:{args.port}", standin_url)
         database, clerk_url, mail_server = _migrate()
         # The stand-in's sign-in page sends people back only to the app's own origin (its --azp).
-        standin_options = ["--azp", f"http://{HOST}:{args.port}", *args.standin_args]
+        standin_options = ["--azp", f"http://{HOST}:{args.port}"]
+        standin_options += _webhook_options(args.port, clerk_url, standin_url) + args.standin_args
         servers["the stand-in"] = _start_standin(args.standin_port, standin_options)
         app_command = [sys.executable, str(Path(__file__).resolve()), "--serve-app", "--port", str(args.port)]
         servers["the app"] = _spawn(app_command)
@@ -117,6 +118,19 @@ def _development_environment(app_url: str, standin_url: str) -> None:
     os.environ.setdefault("IRIS_PUBLIC_URL", app_url)
     if "CLERK_SECRET_KEY" not in os.environ and "CLERK_API_URL" not in os.environ:
         os.environ["CLERK_API_URL"] = standin_url
+
+
+def _webhook_options(port: int, clerk_url: str, standin_url: str) -> list[str]:
+    """Stand-in options that send its webhooks to this app, signed with the secret the app verifies (the
+    development default unless CLERK_WEBHOOK_SIGNING_SECRET is set); none when the app talks to another
+    Clerk."""
+    from iris.config import DEV_WEBHOOK_SIGNING_SECRET
+
+    if clerk_url != standin_url:
+        return []
+    secret = os.environ.get("CLERK_WEBHOOK_SIGNING_SECRET") or DEV_WEBHOOK_SIGNING_SECRET
+    url = f"http://{HOST}:{port}/api/v1/webhooks/clerk"
+    return ["--webhook-url", url, "--webhook-secret", secret]
 
 
 def _migrate() -> tuple[str, str, str | None]:

@@ -55,6 +55,10 @@ CREATE TRIGGER fail_completion BEFORE UPDATE OF clerk_user_id ON users
 # ---- apps
 
 
+# The signing secret of the tests' Clerk webhook endpoint (whsec_ and the base64 of 32 bytes).
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"iris-tests-webhook-signing-key-32").decode()
+
+
 def make_test_app(schema: str, clerk_api_url: str, **overrides: Any) -> Flask:
     """An app on ``schema`` of the test database talking to Clerk at ``clerk_api_url``; ``overrides`` replace
     any of its settings. The caller disposes of its engine (``dispose``). Tests use conftest's ``make_app``
@@ -76,6 +80,9 @@ def make_test_app(schema: str, clerk_api_url: str, **overrides: Any) -> Flask:
         "IRIS_PUBLIC_URL": "https://iris.test",
         # Every test client is 127.0.0.1; the rate-limit tests switch limits back on.
         "RATELIMIT_ENABLED": False,
+        # Clerk webhooks verify against this; `flask iris reconcile` retries a failed Clerk call at once.
+        "CLERK_WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
+        "IRIS_RECONCILE_RETRY_DELAYS": (0.05,),
     }
     settings.update(overrides)
     return create_app(settings)

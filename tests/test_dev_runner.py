@@ -8,11 +8,13 @@ SQLite and the stand-in), on free ports, with this virtualenv. ``make`` is told 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -152,8 +154,11 @@ def test_make_run_prints_one_plain_banner_and_one_plain_line_per_request(make_ru
     assert "scripts/dev.py" not in out  # make does not echo its recipe
 
     def request_lines() -> list[str]:
+        # The stand-in's webhooks about the new user come in too (the next test); not this test's requests.
         return [
-            line for line in make_run.stderr().splitlines() if re.match(r"\d\d:\d\d:\d\d (GET|POST) /", line)
+            line
+            for line in make_run.stderr().splitlines()
+            if re.match(r"\d\d:\d\d:\d\d (GET|POST) /", line) and "/webhooks/" not in line
         ]
 
     wait_for(lambda: len(request_lines()) >= 4, timeout=10)
@@ -170,6 +175,34 @@ def test_make_run_prints_one_plain_banner_and_one_plain_line_per_request(make_ru
     assert not [line for line in console.splitlines() if line.startswith("{")]  # no JSON
     for noise in ("Running on", "Press CTRL+C", "Serving Flask app", "Restarting with", "Clerk stand-in on"):
         assert noise not in console
+
+
+def test_under_make_run_the_stand_in_keeps_the_app_in_step_through_webhooks(make_run, ports, checkout):
+    """Support makes a user in "Clerk's dashboard" (the stand-in's Backend API), then deletes it: its signed
+    webhooks reach the app, which keeps its SQLite database in step."""
+    standin_port = ports[1]
+    make_run.wait_for_banner()
+    bapi = f"http://127.0.0.1:{standin_port}/v1"
+    key = {"Authorization": "Bearer sk_test_iris_local_standin"}
+    made = requests.post(
+        bapi + "/users", json={"email_address": ["walkin@bistro.example"]}, headers=key, timeout=10
+    )
+    assert made.status_code == 200, made.text
+    clerk_user_id = made.json()["id"]
+
+    def account() -> tuple | None:
+        with contextlib.closing(sqlite3.connect(checkout / "instance" / "iris.sqlite3")) as database:
+            return database.execute(
+                "SELECT email, role, deleted_at IS NOT NULL FROM users WHERE clerk_user_id = ?",
+                (clerk_user_id,),
+            ).fetchone()
+
+    wait_for(lambda: account() is not None, timeout=10)
+    assert account() == ("walkin@bistro.example", "restaurant", 0)
+    assert requests.delete(f"{bapi}/users/{clerk_user_id}", headers=key, timeout=10).status_code == 200
+    wait_for(lambda: account()[2] == 1, timeout=10)
+    webhook_lines = [line for line in make_run.stderr().splitlines() if "POST /api/v1/webhooks/clerk" in line]
+    assert len(webhook_lines) == 2 and all(" 200 " in line for line in webhook_lines), webhook_lines
 
 
 def test_term_to_make_stops_the_app_and_the_stand_in(make_run, ports):

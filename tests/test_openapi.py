@@ -13,13 +13,16 @@
 
 from __future__ import annotations
 
+import base64
 import html.parser
+import json
 import os
 import re
 import shutil
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -41,6 +44,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from standardwebhooks.webhooks import Webhook
 from werkzeug.serving import make_server
 
 from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
@@ -50,6 +54,7 @@ from tests.helpers import (
     FAILING_TRIGGER,
     PASSWORD,
     USER_JSON_FIELDS,
+    WEBHOOK_SECRET,
     migrate,
     register,
     session_token,
@@ -65,6 +70,7 @@ REGISTER = ("post", "/api/v1/auth/register")
 VERIFICATION_EMAIL = ("post", "/api/v1/auth/verification-email")
 ME = ("get", "/api/v1/users/me")
 USER = ("get", "/api/v1/users/{user_id}")
+WEBHOOK = ("post", "/api/v1/webhooks/clerk")
 OPENAPI = ("get", "/api/v1/openapi.json")
 HEALTHZ = ("get", "/healthz")
 READYZ = ("get", "/readyz")
@@ -76,6 +82,7 @@ EXPECTED_STATUSES = MappingProxyType(
         VERIFICATION_EMAIL: frozenset({202, 400, 413, 415, 422, 429, 500, 503}),
         ME: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
         USER: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
+        WEBHOOK: frozenset({200, 400, 404, 413, 500, 503}),
         OPENAPI: frozenset({200, 429, 500}),
         HEALTHZ: frozenset({200, 500}),
         READYZ: frozenset({200, 500, 503}),
@@ -623,3 +630,55 @@ def test_docs_renders_in_chromium_under_the_apps_csp_with_no_violation(live_url)
         browser.close()
     assert problems == []
     assert urls and all(url.startswith(live_url + "/") for url in urls), urls
+
+
+def webhook_post(client, payload: Any, *, secret: str = WEBHOOK_SECRET) -> Any:
+    """``payload`` posted to the webhook endpoint, signed as Svix signs it."""
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    svix_id = f"msg_{uuid.uuid4().hex}"
+    now = datetime.now(UTC)
+    headers = {
+        "svix-id": svix_id,
+        "svix-timestamp": str(int(now.timestamp())),
+        "svix-signature": Webhook(secret).sign(svix_id, now, body),
+    }
+    return client.post(WEBHOOK[1], data=body, headers=headers, content_type="application/json")
+
+
+def test_webhook_200_400_and_413(client, standin):
+    user = clerk_call(standin, "POST", "/users", json={"email_address": ["walkin@bistro.example"]})
+    assert_conforms(
+        webhook_post(client, {"type": "user.created", "object": "event", "data": user}), WEBHOOK, 200
+    )
+    assert_conforms(webhook_post(client, {"type": "session.created", "data": {}}), WEBHOOK, 200)
+    other = "whsec_" + base64.b64encode(b"another-secret-another-secret-32").decode()
+    assert_conforms(webhook_post(client, {"type": "user.created", "data": user}, secret=other), WEBHOOK, 400)
+    assert_conforms(webhook_post(client, {"type": "user.created"}), WEBHOOK, 400)
+    assert_conforms(webhook_post(client, "x" * (65 * 1024)), WEBHOOK, 413)
+
+
+def test_webhook_404_without_a_signing_secret(make_app, standin):
+    app = make_app(CLERK_WEBHOOK_SIGNING_SECRET=None)
+    migrate(app)
+    assert_conforms(webhook_post(app.test_client(), {"type": "user.created", "data": {}}), WEBHOOK, 404)
+
+
+def test_webhook_503_when_the_address_is_held_by_a_registration_in_flight(app, client, standin):
+    execute(
+        app,
+        "INSERT INTO users (id, email, role, pending_owner, pending_until) VALUES (gen_random_uuid(),"
+        " 'busy@bistro.example', 'restaurant', gen_random_uuid(), now() + interval '1 hour')",
+    )
+    user = clerk_call(standin, "POST", "/users", json={"email_address": ["busy@bistro.example"]})
+    assert_conforms(webhook_post(client, {"type": "user.created", "data": user}), WEBHOOK, 503)
+
+
+def test_webhook_500(app, client, standin):
+    user = clerk_call(standin, "POST", "/users", json={"email_address": ["walkin@bistro.example"]})
+    execute(
+        app,
+        "CREATE FUNCTION fail_insert() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RAISE EXCEPTION 'disk full (simulated)'; END; $$;"
+        " CREATE TRIGGER fail_insert BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION fail_insert();",
+    )
+    assert_conforms(webhook_post(client, {"type": "user.created", "data": user}), WEBHOOK, 500)

@@ -178,7 +178,7 @@ def test_a_crash_after_clerk_answered_is_completed_by_reconcile(app, runner, sta
     expire_leases(app)
     result = runner.invoke(args=["iris", "reconcile"])
     assert result.exit_code == 0, result.output
-    assert "completed 1, removed 0, failed 0" in result.output
+    assert "pending_completed 1, pending_removed 0" in result.output
     [row] = rows(app)
     [clerk_user] = clerk_users(standin)
     assert row.clerk_user_id == clerk_user["id"]
@@ -188,7 +188,7 @@ def test_a_crash_after_clerk_answered_is_completed_by_reconcile(app, runner, sta
 def test_reconcile_leaves_fresh_registrations_alone(app, runner, standin, schema):
     crash_mid_registration(schema, standin)
     result = runner.invoke(args=["iris", "reconcile"])
-    assert "completed 0, removed 0, failed 0" in result.output
+    assert "pending_completed 0, pending_removed 0" in result.output
     assert [row.clerk_user_id for row in rows(app)] == [None]
 
 
@@ -198,7 +198,8 @@ def test_reconcile_exits_non_zero_when_clerk_is_unreachable(app, make_app, schem
     app = make_app(CLERK_API_URL="http://127.0.0.1:1")
     result = app.test_cli_runner().invoke(args=["iris", "reconcile"])
     assert result.exit_code == 1
-    assert "failed 1" in result.output
+    assert "Failed: a pending registration could not be settled" in result.stderr
+    assert "pending_completed 0, pending_removed 0" in result.output
 
 
 def serve(app):
