@@ -63,7 +63,7 @@ def _init_extensions(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from iris import api, docs, ops, web, webhooks
+    from iris import admin, api, docs, ops, web, webhooks
     from iris.extensions import csrf, limiter
 
     app.register_blueprint(api.bp)
@@ -74,6 +74,7 @@ def _register_blueprints(app: Flask) -> None:
     app.register_blueprint(ops.bp)
     limiter.exempt(ops.bp)  # load balancers poll these
     app.register_blueprint(web.bp)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(docs.bp)
 
 

@@ -9,10 +9,10 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, abort, current_app, g, request, url_for
 
-from iris import auth, registration, verification
+from iris import accounts, auth, registration, verification
 from iris.errors import InvalidJSON, UnsupportedMediaType, ValidationFailed, field_error
 from iris.extensions import limiter, register_limit, verification_email_limit
-from iris.models import DEFAULT_ROLE
+from iris.models import DEFAULT_ROLE, User
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -133,3 +133,48 @@ def get_user(user_id: uuid.UUID):
     if user is None:
         abort(404)
     return user.to_dict(current_app.config["IRIS_TIMEZONE"])
+
+
+@bp.delete("/users/me")
+@auth.require_user
+def delete_me():
+    """Delete your own account (204): the Clerk user first, then the row (``accounts.delete_own_account``)."""
+    accounts.delete_own_account(g.user)
+    return "", 204
+
+
+@bp.get("/users")
+@auth.require_user
+def list_users():
+    """Admins only: one page of accounts, newest first, with ``next_cursor`` (``accounts.list_accounts``).
+    Anyone else gets 404 ``not_found``, whatever the parameters."""
+    if not auth.is_admin(g.user):
+        abort(404)
+    users, next_cursor = accounts.list_accounts(accounts.parse_list_query(request.args))
+    timezone = current_app.config["IRIS_TIMEZONE"]
+    return {"users": [accounts.account_json(user, timezone) for user in users], "next_cursor": next_cursor}
+
+
+@bp.post("/users/<uuid:user_id>/deactivate")
+@auth.require_user
+def deactivate_user(user_id: uuid.UUID):
+    """Admins only: ban at Clerk, then soft-delete here (``accounts.deactivate``); the account after."""
+    account = accounts.deactivate(g.user, administered_account(user_id))
+    return accounts.account_json(account, current_app.config["IRIS_TIMEZONE"])
+
+
+@bp.post("/users/<uuid:user_id>/reactivate")
+@auth.require_user
+def reactivate_user(user_id: uuid.UUID):
+    """Admins only: undelete here, then unban at Clerk (``accounts.reactivate``); the account after."""
+    account = accounts.reactivate(g.user, administered_account(user_id))
+    return accounts.account_json(account, current_app.config["IRIS_TIMEZONE"])
+
+
+def administered_account(user_id: uuid.UUID) -> User:
+    """The complete account ``user_id`` (live or deactivated) for an admin; 404 ``not_found`` for anyone
+    else, and for an unknown id or a pending registration."""
+    account = accounts.find_account(user_id) if auth.is_admin(g.user) else None
+    if account is None:
+        abort(404)
+    return account

@@ -7,7 +7,8 @@ that header, in the ``__session`` cookie, and ``iris.tokens.verify_token`` accep
   one raises what ``verify_token`` raises (module docstring of ``iris.tokens``).
 - A token's ``sub`` matches only a complete account (``clerk_user_id`` set): a soft-deleted one raises
   ``Forbidden`` (403), none at all raises ``UserNotFound`` (404). A pending registration never matches.
-- An account is visible to itself and to admins only (``user_visible_to``).
+- An account is visible to itself and to admins only (``user_visible_to``); only admins administer
+  (``is_admin``).
 - No token is ever logged or put in an error message.
 """
 
@@ -100,6 +101,12 @@ def user_for_subject(clerk_user_id: str) -> User:
     if user.deleted_at is not None:
         raise Forbidden()
     return user
+
+
+def is_admin(user: User | None) -> bool:
+    """Whether ``user`` (a live account, as ``authenticate`` returns) may use the admin API and pages.
+    Everyone else gets 404 there, exactly as for a page or id that does not exist."""
+    return user is not None and user.role == ADMIN
 
 
 def user_visible_to(viewer: User, user_id: uuid.UUID) -> User | None:

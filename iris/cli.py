@@ -7,6 +7,7 @@ line on stderr, ``Error: ...``, and exit status 1. An unexpected error is one li
 
 from __future__ import annotations
 
+import getpass
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from iris import clerk, maintenance
+from iris import accounts, clerk, maintenance
 from iris.config import database_uri, direct_engine
 from iris.errors import (
     DATABASE_UNREACHABLE,
@@ -34,7 +35,7 @@ from iris.errors import (
     database_failure,
 )
 from iris.extensions import db
-from iris.models import ROLES, User, normalise_email
+from iris.models import ADMIN, RESTAURANT, ROLES, User, normalise_email
 
 
 class IrisGroup(AppGroup):
@@ -185,6 +186,45 @@ def users_command(email_part: str | None, role: str | None, which: str | None) -
         for row in [header, *table]:
             click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     click.echo(f"{len(table)} account{'' if len(table) == 1 else 's'}")
+
+
+@iris_cli.command("promote")
+@click.argument("email")
+def promote_command(email: str) -> None:
+    """Make the live account with EMAIL an admin. Only a complete account whose owner confirmed the email
+    address can be promoted (admins are never self-registered). Recorded in the audit trail and the log
+    (who: cli:<your user name>); an admin already is left as it is."""
+    _change_role(email, ADMIN)
+
+
+@iris_cli.command("demote")
+@click.argument("email")
+def demote_command(email: str) -> None:
+    """Make the live admin account with EMAIL a restaurant account again. Recorded in the audit trail and the
+    log (who: cli:<your user name>); an account that is no admin is left as it is."""
+    _change_role(email, RESTAURANT)
+
+
+def _change_role(email: str, role: str) -> None:
+    """``accounts.change_role`` as the operator running the command: one line saying what happened."""
+    user, changed = accounts.change_role(email, role, actor_name=_operator())
+    if not changed:
+        already = "an admin" if role == ADMIN else "not an admin"
+        click.echo(f"{user.email} is already {already}; nothing changed.")
+    elif role == ADMIN:
+        click.echo(f"{user.email} is an admin now.")
+    else:
+        click.echo(f"{user.email} is no longer an admin (role {role}).")
+
+
+def _operator() -> str:
+    """Who runs the command, for the audit trail: ``cli:<operating-system user>`` (``cli:unknown`` when the
+    system cannot say, as in some containers)."""
+    try:
+        name = getpass.getuser()
+    except (OSError, KeyError):
+        name = "unknown"
+    return f"cli:{name}"[:100]
 
 
 def _status(user: User) -> str:

@@ -150,6 +150,34 @@ class SyncDeferred(IrisError):
     retry_after = 60
 
 
+class CannotDeactivateSelf(IrisError):
+    """An admin asked to deactivate their own account: refused (409), nothing changed. Another admin can."""
+
+    status_code = 409
+    code = "cannot_deactivate_self"
+    message = "You cannot deactivate your own account. Another admin can do it."
+
+
+class ClerkUserDeleted(IrisError):
+    """The account's Clerk user no longer exists, so it can never sign in again: reactivating it is refused
+    (409), and the account stays deactivated."""
+
+    status_code = 409
+    code = "clerk_user_deleted"
+    message = (
+        "This account's sign-in user no longer exists at Clerk, so the account cannot be reactivated."
+        " Nothing was changed; the person can sign up again."
+    )
+
+
+class RoleChangeRefused(IrisError):
+    """``flask iris promote``/``demote`` refused: no such live account, or not one that may be promoted (a
+    registration not settled, or an email address not confirmed). Nothing changed."""
+
+    status_code = 409
+    code = "role_change_refused"
+
+
 class UnsupportedMediaType(IrisError):
     status_code = 415
     code = "unsupported_media_type"

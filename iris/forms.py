@@ -20,3 +20,8 @@ class VerifyEmailForm(FlaskForm):
 
 class NewLinkForm(FlaskForm):
     email = EmailField("Email address", render_kw={"autocomplete": "email", "spellcheck": "false"})
+
+
+class ConfirmForm(FlaskForm):
+    """A confirmation step: CSRF only. The page's own button says what it confirms (deleting your account,
+    deactivating or reactivating one); the rules live in iris.accounts."""

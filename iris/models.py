@@ -73,6 +73,9 @@ class User(BaseModel):
         sa.CheckConstraint(
             "clerk_user_id IS NOT NULL OR pending_until IS NOT NULL", name="pending_has_lease"
         ),
+        # The admin listing (iris.accounts.list_accounts): newest first, cursor-paged on (created_at, id). A
+        # page reads this index backwards from its cursor and stops after ``limit`` rows, however deep it is.
+        sa.Index("ix_users_created_at_id", "created_at", "id"),
     )
 
     email: Mapped[str] = mapped_column(sa.String(320))
@@ -180,3 +183,44 @@ def _hide_soft_deleted(execute_state: orm.ORMExecuteState) -> None:
         execute_state.statement = execute_state.statement.options(
             orm.with_loader_criteria(BaseModel, lambda cls: cls.deleted_at.is_(None), include_aliases=True)
         )
+
+
+# What ``audit_events.action`` may say (iris.accounts writes them; the check constraint is built from these).
+AUDIT_ACTIONS = (
+    "account_deleted",  # the owner deleted their own account (API or /account)
+    "deactivated",  # an admin banned it at Clerk and soft-deleted it here
+    "reactivated",  # an admin undeleted it here and unbanned it at Clerk
+    "reactivation_undone",  # the unban failed after the undelete committed: soft-deleted again
+    "promoted",  # an operator made it an admin (flask iris promote)
+    "demoted",  # an operator made it a restaurant again (flask iris demote)
+)
+
+
+class AuditEvent(db.Model):
+    """One change to an account's life, recorded in the transaction that makes the change.
+
+    Append-only: the migration installs triggers that make UPDATE and DELETE (and, on PostgreSQL, TRUNCATE)
+    on this table raise, whoever writes. It holds ids, never an email or anything else about the person, so
+    the trail can be kept for ever without keeping personal data; pages join ``users`` to show emails.
+
+    ``actor_id`` is the Iris account that acted (the account itself for a self-service deletion); from the
+    command line it is NULL and ``actor_name`` says who: ``cli:<operating-system user>``. ``request_id`` is
+    the HTTP request's id (``X-Request-ID``), NULL from the command line.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        sa.Index("ix_audit_events_target_id_occurred_at", "target_id", "occurred_at"),
+        sa.CheckConstraint(
+            "action IN (" + ", ".join(f"'{action}'" for action in AUDIT_ACTIONS) + ")", name="action_known"
+        ),
+        sa.CheckConstraint("actor_id IS NOT NULL OR actor_name IS NOT NULL", name="actor_known"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    action: Mapped[str] = mapped_column(sa.String(40))
+    target_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid)
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
+    actor_name: Mapped[str | None] = mapped_column(sa.String(100))
+    request_id: Mapped[str | None] = mapped_column(sa.String(128))

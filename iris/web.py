@@ -14,10 +14,10 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from flask import Blueprint, current_app, g, redirect, render_template, session, url_for
 from sqlalchemy.exc import SQLAlchemyError
 
-from iris import auth, registration, verification
+from iris import accounts, auth, registration, verification
 from iris.errors import EmailTaken, IrisError, ValidationFailed
 from iris.extensions import db, limiter, register_limit, verification_email_limit
-from iris.forms import NewLinkForm, SignupForm, VerifyEmailForm
+from iris.forms import ConfirmForm, NewLinkForm, SignupForm, VerifyEmailForm
 from iris.models import DEFAULT_ROLE, RESTAURANT, User
 
 log = logging.getLogger(__name__)
@@ -156,14 +156,51 @@ def new_verification_link():
     return render_template("new_link.html", form=form)
 
 
+def signed_in_user() -> User | None:
+    """The signed-in user of a page that is about the account (``auth.current_user``), also set as the
+    navigation's page user and as ``g.user`` for the request log; None when signed out. Unlike ``page_user``
+    it raises: ``Forbidden`` (deleted account), ``UserNotFound``, and the 503s."""
+    try:
+        user = auth.current_user()
+    except (IrisError, SQLAlchemyError):
+        setattr(g, PAGE_USER, None)  # the error page's navigation shows signed out, without asking again
+        raise
+    setattr(g, PAGE_USER, user)
+    g.user = user
+    return user
+
+
 @bp.get("/account")
 def account():
     """The signed-in user's account (Clerk's ``__session`` cookie, as a browser sends it), or a signed-out
     page. A deleted account is a 403 page; Clerk or the database unreachable, a 503 page."""
-    try:
-        g.user = auth.current_user()
-    except (IrisError, SQLAlchemyError):
-        setattr(g, PAGE_USER, None)  # the error page's navigation shows signed out, without asking again
-        raise
-    setattr(g, PAGE_USER, g.user)
-    return render_template("account.html", user=g.user, timezone=current_app.config["IRIS_TIMEZONE"])
+    user = signed_in_user()
+    return render_template("account.html", user=user, timezone=current_app.config["IRIS_TIMEZONE"])
+
+
+@bp.route("/account/delete", methods=["GET", "POST"])
+def delete_account():
+    """The confirmation step of "Delete my account". GET says what deleting means and changes nothing; the
+    POST (CSRF-checked) deletes the account (``accounts.delete_own_account``: the Clerk user, then the row)
+    and redirects (303) to /account/deleted. Signed out: redirect to /account. Clerk or the database failing
+    is the 503 page; a retry completes."""
+    user = signed_in_user()
+    if user is None:
+        return redirect(url_for("web.account"))
+    form = ConfirmForm()
+    if form.validate_on_submit():
+        email = user.email
+        accounts.delete_own_account(user)
+        session["deleted_email"] = email
+        return redirect(url_for("web.account_deleted"), code=303)
+    return render_template("delete_account.html", user=user, form=form)
+
+
+@bp.get("/account/deleted")
+def account_deleted():
+    """Said once, right after the deletion (its email is in the session); opened any other way, it
+    redirects to /account."""
+    email = session.pop("deleted_email", None)
+    if email is None:
+        return redirect(url_for("web.account"))
+    return render_template("account_deleted.html", email=email)

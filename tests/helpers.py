@@ -325,6 +325,54 @@ def link_in(message: Any) -> str:
     return link.split("https://iris.test", 1)[1]
 
 
+# ---- accounts over their life: admins, deactivation, the audit trail
+
+# A trigger that makes soft-deleting (or undeleting) the account of fails@b.example fail, like a full disk.
+FAILING_SOFT_DELETE = """
+CREATE FUNCTION fail_soft_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'disk full (simulated)'; END; $$;
+CREATE TRIGGER fail_soft_delete BEFORE UPDATE OF deleted_at ON users
+    FOR EACH ROW WHEN (NEW.email = 'fails@b.example') EXECUTE FUNCTION fail_soft_delete();
+"""
+REPAIRED_SOFT_DELETE = "DROP TRIGGER fail_soft_delete ON users"
+
+
+def run_sql(app: Flask, statement: str, **params: Any) -> None:
+    """Run one SQL statement (or several, without parameters) on ``app``'s schema and commit."""
+    with app.app_context():
+        db.session.execute(sa.text(statement), params)
+        db.session.commit()
+
+
+def signed_in_admin(client, app: Flask, standin, email: str = "admin@iris.example") -> tuple[dict, dict]:
+    """A registered, confirmed admin (made one the way `flask iris promote` leaves it) and the Authorization
+    header of a session token for it, valid 10 minutes."""
+    user = register(client, email)
+    run_sql(app, "UPDATE users SET role = 'admin', email_verified_at = now() WHERE id = :id", id=user["id"])
+    user["role"] = "admin"
+    return user, bearer(session_token(standin, user["clerk_user_id"], 600))
+
+
+def audit_events(app: Flask) -> list[sa.Row]:
+    """Every audit event, oldest first: action, target_id, actor_id, actor_name, request_id."""
+    with app.app_context():
+        return db.session.execute(
+            sa.text(
+                "SELECT action, target_id, actor_id, actor_name, request_id FROM audit_events"
+                " ORDER BY occurred_at, action"
+            )
+        ).all()
+
+
+def clerk_user_state(standin, clerk_user_id: str) -> dict | None:
+    """The Clerk user as the stand-in's Backend API shows it (``banned`` included), or None when deleted."""
+    response = requests.get(f"{standin.api_url}/users/{clerk_user_id}", headers=BAPI_HEADERS, timeout=5)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    return response.json()
+
+
 # The password the stand-in's own tests give the users they make (StandinApi.create_user).
 STANDIN_PASSWORD = "a fine long passphrase"
 

@@ -24,7 +24,7 @@ from playwright.sync_api import Page
 
 from iris import errors
 from tests.browsers import BrowserSite, accounts, chromium, other_site, require_chromium, screenshot
-from tests.helpers import PASSWORD, clerk_users, link_in, smtp_server
+from tests.helpers import PASSWORD, clerk_users, link_in, session_token, smtp_server
 from tests.servers import app_environment, behind_nginx, migrated_schema
 
 
@@ -33,17 +33,21 @@ class MailingSite(BrowserSite):
     """The production stack mailing to a real SMTP server (aiosmtpd) run by the test: ``mailbox.messages``."""
 
     mailbox: Any = None
+    standin: Any = None
+    admin_engine: Any = None
 
 
 @dataclass
 class FormPage:
     """A page with a form: ``path`` makes the URL path to open (a rule with variables needs e.g. a token
-    made for the test), ``fill`` fills the form in as a person would, with values the app accepts, and
-    ``button`` is the name of the submit button to press (None: the page's only one)."""
+    made for the test), ``fill`` fills the form in as a person would, with values the app accepts,
+    ``button`` is the name of the submit button to press (None: the page's only one), and ``session`` makes
+    the Clerk session token of the visitor, for a page only a signed-in person (or an admin) can use."""
 
     path: Callable[[MailingSite], str]
     fill: Callable[[Page], None]
     button: str | None = None
+    session: Callable[[MailingSite], str] | None = None
 
 
 def fill_signup(page: Page) -> None:
@@ -83,6 +87,47 @@ def an_open_link(web: MailingSite) -> str:
     return registered_in_the_browser(web)[1]
 
 
+def account_made_in_the_browser(web: MailingSite, *, admin: bool = False, deleted: bool = False) -> sa.Row:
+    """A new account (made on the sign-up page), confirmed; an admin, or soft-deleted, when asked."""
+    email, _ = registered_in_the_browser(web)
+    users = sa.table(
+        "users",
+        sa.column("email"),
+        sa.column("role"),
+        sa.column("email_verified_at"),
+        sa.column("deleted_at"),
+        schema=web.schema,
+    )
+    with web.admin_engine.begin() as connection:
+        connection.execute(
+            sa.update(users)
+            .where(users.c.email == email)
+            .values(
+                role="admin" if admin else "restaurant",
+                email_verified_at=sa.func.now(),
+                deleted_at=sa.func.now() if deleted else None,
+            )
+        )
+    [account] = accounts(web.admin_engine, web.schema, email)
+    return account
+
+
+def a_new_owners_session(web: MailingSite) -> str:
+    return session_token(web.standin, account_made_in_the_browser(web).clerk_user_id, 600)
+
+
+def an_admins_session(web: MailingSite) -> str:
+    return session_token(web.standin, account_made_in_the_browser(web, admin=True).clerk_user_id, 600)
+
+
+def a_live_accounts_deactivation(web: MailingSite) -> str:
+    return f"/admin/users/{account_made_in_the_browser(web).id}/deactivate"
+
+
+def a_deactivated_accounts_reactivation(web: MailingSite) -> str:
+    return f"/admin/users/{account_made_in_the_browser(web, deleted=True).id}/reactivate"
+
+
 CONFIRM = "Yes, this is my account"
 REMOVE = "I did not sign up: remove it"
 
@@ -93,6 +138,24 @@ FORM_PAGES: Mapping[str, FormPage] = MappingProxyType(
         "/signup": FormPage(path=lambda web: "/signup", fill=fill_signup),
         "/verify-email": FormPage(path=lambda web: "/verify-email", fill=fill_new_link),
         "/verify-email/<token>": FormPage(path=an_open_link, fill=fill_nothing, button=CONFIRM),
+        "/account/delete": FormPage(
+            path=lambda web: "/account/delete",
+            fill=fill_nothing,
+            button="Yes, delete my account",
+            session=a_new_owners_session,
+        ),
+        "/admin/users/<uuid:user_id>/deactivate": FormPage(
+            path=a_live_accounts_deactivation,
+            fill=fill_nothing,
+            button="Yes, deactivate it",
+            session=an_admins_session,
+        ),
+        "/admin/users/<uuid:user_id>/reactivate": FormPage(
+            path=a_deactivated_accounts_reactivation,
+            fill=fill_nothing,
+            button="Yes, reactivate it",
+            session=an_admins_session,
+        ),
     }
 )
 
@@ -106,7 +169,7 @@ def web(admin_engine, standin_server, tmp_path_factory) -> Iterator[MailingSite]
         env = app_environment(schema, standin_server, IRIS_PROXY_HOPS="1")
         env["MAIL_PORT"] = str(mailbox.port)
         with behind_nginx(directory, env) as site, chromium(site.certificate) as browser:
-            yield MailingSite(site, schema, browser, mailbox)
+            yield MailingSite(site, schema, browser, mailbox, standin_server, admin_engine)
 
 
 @pytest.fixture
@@ -138,6 +201,8 @@ def test_every_form_page_is_in_the_browser_harness(make_app):
 @pytest.mark.parametrize("rule", sorted(FORM_PAGES))
 def test_each_form_page_is_accepted_over_https_in_the_browser(web, page, rule):
     form_page = FORM_PAGES[rule]
+    if form_page.session is not None:
+        page.context.add_cookies([{"name": "__session", "value": form_page.session(web), "url": web.url}])
     url = web.url + form_page.path(web)
     opened = page.goto(url)
     assert opened is not None and opened.status == 200

@@ -51,6 +51,7 @@ from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
 from iris.extensions import db
 from tests.helpers import (
     BAPI_HEADERS,
+    FAILING_SOFT_DELETE,
     FAILING_TRIGGER,
     PASSWORD,
     USER_JSON_FIELDS,
@@ -70,6 +71,10 @@ REGISTER = ("post", "/api/v1/auth/register")
 VERIFICATION_EMAIL = ("post", "/api/v1/auth/verification-email")
 ME = ("get", "/api/v1/users/me")
 USER = ("get", "/api/v1/users/{user_id}")
+DELETE_ME = ("delete", "/api/v1/users/me")
+LIST = ("get", "/api/v1/users")
+DEACTIVATE = ("post", "/api/v1/users/{user_id}/deactivate")
+REACTIVATE = ("post", "/api/v1/users/{user_id}/reactivate")
 WEBHOOK = ("post", "/api/v1/webhooks/clerk")
 OPENAPI = ("get", "/api/v1/openapi.json")
 HEALTHZ = ("get", "/healthz")
@@ -82,6 +87,10 @@ EXPECTED_STATUSES = MappingProxyType(
         VERIFICATION_EMAIL: frozenset({202, 400, 413, 415, 422, 429, 500, 503}),
         ME: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
         USER: frozenset({200, 401, 403, 404, 429, 500, 502, 503}),
+        DELETE_ME: frozenset({204, 401, 403, 404, 429, 500, 502, 503}),
+        LIST: frozenset({200, 401, 403, 404, 422, 429, 500, 502, 503}),
+        DEACTIVATE: frozenset({200, 401, 403, 404, 409, 429, 500, 502, 503}),
+        REACTIVATE: frozenset({200, 401, 403, 404, 409, 429, 500, 502, 503}),
         WEBHOOK: frozenset({200, 400, 404, 413, 500, 503}),
         OPENAPI: frozenset({200, 429, 500}),
         HEALTHZ: frozenset({200, 500}),
@@ -147,6 +156,9 @@ def assert_conforms(response, operation: tuple[str, str], status: int) -> None:
             assert not header.get("required"), f"documented header {name} missing from {status}"
             continue
         validate_against(f"{header_pointer}/schema", value)
+    if status == 204:
+        assert "content" not in definition and response.data == b""
+        return
     [media_type] = definition["content"]
     assert response.mimetype == media_type
     validate_against(f"{pointer}/content/{pointer_escape(media_type)}/schema", response.json)
@@ -231,7 +243,7 @@ def test_each_operation_documents_its_statuses_and_their_headers(operation):
         required = {name for name, header in headers.items() if header.get("required")}
         promised = {"X-Request-ID"} | REQUIRED_HEADERS.get(int(status), frozenset())
         assert promised <= required, (operation, status)
-        assert list(definition["content"]) == ["application/json"]
+        assert list(definition.get("content", {})) == ([] if status == "204" else ["application/json"])
 
 
 def test_the_documented_schemas_say_what_design_md_says():
@@ -458,6 +470,129 @@ def test_user_404_not_found(client, standin):
         assert response.json["error"]["code"] == "not_found"
 
 
+# DELETE /api/v1/users/me, and the admin operations
+
+
+def test_delete_me_204_then_403(client, standin):
+    _, headers = signed_in(client, standin)
+    assert_conforms(client.delete(DELETE_ME[1], headers=headers), DELETE_ME, 204)
+    assert_conforms(client.delete(DELETE_ME[1], headers=headers), DELETE_ME, 403)
+
+
+def test_delete_me_401_404_and_500(app, client, standin):
+    assert_conforms(client.delete(DELETE_ME[1]), DELETE_ME, 401)
+    outsider = clerk_call(
+        standin, "POST", "/users", json={"email_address": ["x@y.example"], "password": PASSWORD}
+    )
+    headers = {"Authorization": f"Bearer {session_token(standin, outsider['id'], TOKEN_SECONDS)}"}
+    assert_conforms(client.delete(DELETE_ME[1], headers=headers), DELETE_ME, 404)
+    _, headers = signed_in(client, standin)
+    execute(app, "ALTER TABLE users RENAME TO users_gone")
+    assert_conforms(client.delete(DELETE_ME[1], headers=headers), DELETE_ME, 500)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [({"status": 503}, 503), ({"action": "garbage"}, 502), ({"status": 429, "retry_after": 7}, 429)],
+    ids=["503", "502", "429"],
+)
+def test_delete_me_when_clerk_fails(client, standin, fault, status):
+    _, headers = signed_in(client, standin)
+    standin.control.add_fault(method="DELETE", path="/v1/users/", times=1, **fault)
+    assert_conforms(client.delete(DELETE_ME[1], headers=headers), DELETE_ME, status)
+
+
+def test_delete_me_503_when_the_database_fails_after_clerk(app, client, standin):
+    _, headers = signed_in(client, standin, "fails@b.example")
+    execute(app, FAILING_SOFT_DELETE)
+    response = client.delete(DELETE_ME[1], headers=headers)
+    assert_conforms(response, DELETE_ME, 503)
+    assert response.json["error"]["code"] == "database_unavailable"
+
+
+def admin_and_owner(app, client, standin) -> tuple[dict[str, str], dict[str, Any], dict[str, str]]:
+    """An admin's Authorization header, and a restaurant owner with theirs."""
+    admin, admin_headers = signed_in(client, standin, "admin@iris.example")
+    execute(app, "UPDATE users SET role = 'admin' WHERE id = :id", id=admin["id"])
+    owner, owner_headers = signed_in(client, standin, "owner@bistro.example")
+    return admin_headers, owner, owner_headers
+
+
+def test_list_200_404_and_422(app, client, standin):
+    admin_headers, _, owner_headers = admin_and_owner(app, client, standin)
+    first = client.get(LIST[1], headers=admin_headers, query_string={"limit": 1})
+    assert_conforms(first, LIST, 200)
+    assert len(first.json["users"]) == 1 and first.json["next_cursor"]
+    last = client.get(LIST[1], headers=admin_headers, query_string={"cursor": first.json["next_cursor"]})
+    assert_conforms(last, LIST, 200)
+    assert last.json["next_cursor"] is None
+    deleted = client.get(LIST[1], headers=admin_headers, query_string={"include_deleted": "true", "q": "x"})
+    assert_conforms(deleted, LIST, 200)
+    assert_conforms(client.get(LIST[1], headers=owner_headers), LIST, 404)
+    assert_conforms(client.get(LIST[1] + "?limit=500&cursor=nope&x=1", headers=admin_headers), LIST, 422)
+    assert_conforms(client.get(LIST[1]), LIST, 401)
+
+
+def test_list_502_when_clerks_keys_are_unreadable(app, client, standin):
+    admin_headers, _, _ = admin_and_owner(app, client, standin)
+    standin.control.add_fault(method="GET", path="/v1/jwks", action="garbage", times=1)
+    assert_conforms(client.get(LIST[1], headers=admin_headers), LIST, 502)
+
+
+def test_list_403_500_and_503(app, client, standin, make_app):
+    admin_headers, _, _ = admin_and_owner(app, client, standin)
+    down = make_app(SQLALCHEMY_DATABASE_URI=DATABASE_DOWN).test_client()
+    assert_conforms(down.get(LIST[1], headers=admin_headers), LIST, 503)
+    execute(app, "UPDATE users SET deleted_at = now() WHERE role = 'admin'")
+    assert_conforms(client.get(LIST[1], headers=admin_headers), LIST, 403)
+    execute(app, "ALTER TABLE users RENAME TO users_gone")
+    assert_conforms(client.get(LIST[1], headers=admin_headers), LIST, 500)
+
+
+def test_deactivate_and_reactivate_200_404_and_409(app, client, standin):
+    admin_headers, owner, owner_headers = admin_and_owner(app, client, standin)
+    deactivate, reactivate = url(DEACTIVATE, owner["id"]), url(REACTIVATE, owner["id"])
+    assert_conforms(client.post(url(DEACTIVATE), headers=admin_headers), DEACTIVATE, 404)
+    assert_conforms(client.post(url(REACTIVATE, "not-a-uuid"), headers=admin_headers), REACTIVATE, 404)
+    assert_conforms(client.post(deactivate, headers=owner_headers), DEACTIVATE, 404)
+    response = client.post(deactivate, headers=admin_headers)
+    assert_conforms(response, DEACTIVATE, 200)
+    assert response.json["deleted_at"] is not None
+    response = client.post(reactivate, headers=admin_headers)
+    assert_conforms(response, REACTIVATE, 200)
+    assert response.json["deleted_at"] is None
+    admin_id = client.get(ME[1], headers=admin_headers).json["id"]
+    response = client.post(url(DEACTIVATE, admin_id), headers=admin_headers)
+    assert_conforms(response, DEACTIVATE, 409)
+    assert response.json["error"]["code"] == "cannot_deactivate_self"
+    client.post(deactivate, headers=admin_headers)
+    clerk_call(standin, "DELETE", f"/users/{owner['clerk_user_id']}")
+    response = client.post(reactivate, headers=admin_headers)
+    assert_conforms(response, REACTIVATE, 409)
+    assert response.json["error"]["code"] == "clerk_user_deleted"
+    assert_conforms(client.post(reactivate), REACTIVATE, 401)
+
+
+def test_deactivate_and_reactivate_503_and_409_email_taken(app, client, standin):
+    admin_headers, owner, _ = admin_and_owner(app, client, standin)
+    deactivate, reactivate = url(DEACTIVATE, owner["id"]), url(REACTIVATE, owner["id"])
+    path = f"/v1/users/{owner['clerk_user_id']}"
+    standin.control.add_fault(method="POST", path=f"{path}/ban", status=503, times=1)
+    assert_conforms(client.post(deactivate, headers=admin_headers), DEACTIVATE, 503)
+    assert_conforms(client.post(deactivate, headers=admin_headers), DEACTIVATE, 200)
+    standin.control.add_fault(method="POST", path=f"{path}/unban", status=503, times=1)
+    assert_conforms(client.post(reactivate, headers=admin_headers), REACTIVATE, 503)
+    execute(
+        app,
+        "INSERT INTO users (id, email, role, pending_until) VALUES (:id, :email, 'restaurant', now())",
+        id=uuid.uuid4(),
+        email=owner["email"],
+    )
+    response = client.post(reactivate, headers=admin_headers)
+    assert_conforms(response, REACTIVATE, 409)
+    assert response.json["error"]["code"] == "email_taken"
+
+
 # /healthz, /readyz
 
 
@@ -499,14 +634,17 @@ MAX_EXAMPLES = 40
 def test_schemathesis_finds_nothing_against_the_live_app(app, live_url, standin):
     """Every operation of the document the app serves, with schema-conforming (positive) and violating
     (negative) requests; on the users endpoints, with generated credentials and with real session tokens
-    for a restaurant owner and an admin. Bounded: MAX_EXAMPLES per operation and mode, no deadline."""
+    for a restaurant owner and an admin (DELETE /users/me with a third account's token, so that it deletes
+    neither of them). Bounded: MAX_EXAMPLES per operation and mode, no deadline."""
     owner = register(app.test_client(), "owner@bistro.example")
     admin = register(app.test_client(), "admin@iris.example")
+    leaving = register(app.test_client(), "leaving@bistro.example")
     execute(app, "UPDATE users SET role = 'admin' WHERE id = :id", id=admin["id"])
     tokens = [
         None,
         *(session_token(standin, user["clerk_user_id"], TOKEN_SECONDS) for user in (owner, admin)),
     ]
+    tokens_for = {DELETE_ME: [None, session_token(standin, leaving["clerk_user_id"], TOKEN_SECONDS)]}
     with requests.Session() as http:
         # The document as the live app serves it (from_url would leave the document's own operation out).
         schema = schemathesis.openapi.from_dict(http.get(live_url + OPENAPI[1], timeout=5).json())
@@ -514,8 +652,10 @@ def test_schemathesis_finds_nothing_against_the_live_app(app, live_url, standin)
         assert {(op.method.lower(), op.path) for op in operations} == set(EXPECTED_STATUSES)
         for operation in operations:
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+                key = (operation.method.lower(), operation.path)
+                sampled = st.sampled_from(tokens_for.get(key, tokens))
 
-                @given(case=operation.as_strategy(generation_mode=mode), token=st.sampled_from(tokens))
+                @given(case=operation.as_strategy(generation_mode=mode), token=sampled)
                 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
                 def check(case, token):
                     if token is not None:  # only the users endpoints read it
