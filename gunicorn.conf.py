@@ -131,3 +131,65 @@ control_socket_disable = True
 # unguessable mkstemp file there and unlinks it at once.)
 _SHM = "/dev/shm"  # noqa: S108
 worker_tmp_dir = _SHM if os.path.isdir(_SHM) else None
+
+# --- Metrics (Prometheus, GET /metrics) ------------------------------------------------------------------
+# Each worker counts in its own process. prometheus_client's multiprocess mode keeps every value in a file
+# per process under PROMETHEUS_MULTIPROC_DIR, and a scrape, whichever worker answers it, adds up all the
+# files (iris/metrics.py). prometheus_client reads the variable once, when it is first imported, so it is
+# set here, as gunicorn reads this file in the master: before the app is loaded (in the workers, or in the
+# master with GUNICORN_PRELOAD), and inherited by every worker forked later.
+#
+#   IRIS_METRICS_DIR  a directory for those files (created if missing; its *.db files are removed when the
+#                     master starts). Unset: a private directory made here (on tmpfs when /dev/shm exists,
+#                     like the heartbeats), removed when the process that made it exits (the master; or
+#                     `gunicorn --print-config`, which reads this file too).
+#
+# A HUP re-reads this file in the same master: the directory stays, and so do the counts of the workers it
+# replaces (counters never go back, as Prometheus expects of them). Only the live gauge (checked-out database
+# connections) forgets a dead worker, in child_exit. Every worker ever started leaves two small files until
+# the next master start, so recycling workers (GUNICORN_MAX_REQUESTS) grows the directory and the scrape.
+_METRICS_MASTER = "IRIS_METRICS_MASTER"  # the pid of the master that chose PROMETHEUS_MULTIPROC_DIR
+
+
+def _metrics_directory() -> str:
+    """The directory for this master's metric files (see above)."""
+    configured = os.environ.get("IRIS_METRICS_DIR", "").strip()
+    if configured:
+        os.makedirs(configured, mode=0o700, exist_ok=True)
+        return configured
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if current and os.environ.get(_METRICS_MASTER) == str(os.getpid()):
+        return current  # HUP: this master made it when it first read this file
+    import atexit
+    import shutil
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix="iris-metrics-", dir=worker_tmp_dir)
+    master = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == master:  # workers inherit this handler; only the master removes the directory
+            shutil.rmtree(private, ignore_errors=True)
+
+    atexit.register(remove)
+    return private
+
+
+_metrics_dir = _metrics_directory()
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+os.environ[_METRICS_MASTER] = str(os.getpid())
+
+
+def on_starting(server):
+    """A fresh start counts from zero: no file left by an earlier master (IRIS_METRICS_DIR) is added in."""
+    import glob
+
+    for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
+        os.remove(path)
+
+
+def child_exit(server, worker):
+    """A dead worker's connections are checked out no longer: drop its live gauge (its counters stay)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _metrics_dir)

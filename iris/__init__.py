@@ -72,18 +72,19 @@ def _register_blueprints(app: Flask) -> None:
     csrf.exempt(webhooks.bp)
     limiter.exempt(webhooks.bp)  # Svix signs its requests; a limit would only multiply its retries
     app.register_blueprint(ops.bp)
-    limiter.exempt(ops.bp)  # load balancers poll these
+    limiter.exempt(ops.bp)  # load balancers poll these, Prometheus scrapes /metrics
     app.register_blueprint(web.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(docs.bp)
 
 
 def _init_request_handling(app: Flask) -> None:
-    """Error handlers, request ids and logs, security headers, and the ``flask iris`` commands."""
-    from iris import cli, errors, observability, security
+    """Error handlers, request ids and logs, metrics, security headers, and the ``flask iris`` commands."""
+    from iris import cli, errors, metrics, observability, security
 
     errors.init_app(app)
     observability.init_app(app)
+    metrics.init_app(app)
     security.init_app(app)
     cli.init_app(app)
 

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, abort, current_app, g, request, url_for
 
-from iris import accounts, auth, registration, verification
+from iris import accounts, auth, metrics, registration, verification
 from iris.errors import InvalidJSON, UnsupportedMediaType, ValidationFailed, field_error
 from iris.extensions import limiter, register_limit, verification_email_limit
 from iris.models import DEFAULT_ROLE, User
@@ -76,7 +76,7 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 
 @bp.post("/auth/register")
-@limiter.shared_limit(register_limit, scope="register")
+@limiter.shared_limit(register_limit, scope="register", on_breach=metrics.registration_rate_limited)
 def register():
     """Create an account: ``{email, password, role?}`` -> 201 with the user JSON and its Location."""
     body = json_object()

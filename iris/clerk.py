@@ -25,6 +25,7 @@ from flask import current_app
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from iris import metrics
 from iris.errors import (
     AnswerLost,
     AuthProviderError,
@@ -255,27 +256,46 @@ def _call(
         "Accept": "application/json",
     }
     timeout = config.get("CLERK_TIMEOUT", DEFAULT_TIMEOUT)
-    label = f"{method} {path_template or path}"
+    template = path_template or path
+    label = f"{method} {template}"
     started = time.perf_counter()
     try:
         response = http_session().request(
             method, url, json=json, params=params, headers=headers, timeout=timeout
         )
     except requests.Timeout:
+        metrics.clerk_call(method, template, time.perf_counter() - started, "timeout")
         log.warning("clerk %s timed out after %.0f ms", label, _ms(started))
         raise AnswerLost() from None
     except requests.RequestException as error:
+        metrics.clerk_call(method, template, time.perf_counter() - started, "connection")
         log.warning("clerk %s failed: %s", label, type(error).__name__)
         raise AnswerLost() from None
+    elapsed = time.perf_counter() - started
 
     body = _json_or_none(response)
     trace_id = body.get("clerk_trace_id") if isinstance(body, dict) else None
-    log.info("clerk %s -> %s in %.0f ms (trace %s)", label, response.status_code, _ms(started), trace_id)
+    log.info("clerk %s -> %s in %.0f ms (trace %s)", label, response.status_code, elapsed * 1000, trace_id)
     if response.ok:
+        metrics.clerk_call(method, template, elapsed, "unreadable" if body is None else None)
         if body is None:
             raise AuthProviderError()
         return body
-    raise _error_for(response.status_code, body, response.headers.get("Retry-After"))
+    error = _error_for(response.status_code, body, response.headers.get("Retry-After"))
+    metrics.clerk_call(method, template, elapsed, _error_kind(response.status_code, error))
+    raise error
+
+
+def _error_kind(status: int, error: IrisError) -> str | None:
+    """The ``iris_clerk_errors_total`` kind of a non-2xx answer; None for an answer the caller expects (not
+    found, email taken, a password rule)."""
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "server_error"
+    if isinstance(error, ClerkRefused) and not isinstance(error, NotFoundAtClerk):
+        return "refused"
+    return None
 
 
 def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:

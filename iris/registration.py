@@ -55,7 +55,7 @@ import email_validator
 import sqlalchemy as sa
 from flask import current_app
 
-from iris import clerk, mail, verification
+from iris import clerk, mail, metrics, verification
 from iris.errors import (
     DATABASE_UNREACHABLE,
     AuthProviderError,
@@ -95,8 +95,21 @@ def register(email: object, password: object, role: object = DEFAULT_ROLE) -> Us
     ``AuthProviderUnavailable`` (with Retry-After; after a lost answer the email stays reserved until then),
     ``AuthProviderError`` or ``DatabaseUnavailable``.
     Side effects: a Clerk user and a committed ``users`` row, or neither (a lost answer leaves a pending row
-    that the next attempt or ``reconcile`` settles).
+    that the next attempt or ``reconcile`` settles). Counted in ``iris_registrations_total`` by outcome.
     """
+    try:
+        user = _register(email, password, role)
+    except IrisError as error:
+        metrics.registration(error.code)
+        raise
+    except Exception:
+        metrics.registration("error")
+        raise
+    metrics.registration("created")
+    return user
+
+
+def _register(email: object, password: object, role: object) -> User:
     email, role = _validate(email, password, role)
     try:
         lease = _reserve(email, role)

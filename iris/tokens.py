@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from flask import current_app
 from jwt.algorithms import RSAAlgorithm
 
-from iris import clerk
+from iris import clerk, metrics
 from iris.config import issuer_from_publishable_key, load_jwt_key
 from iris.errors import AuthProviderError, AuthProviderUnavailable, IrisError, Unauthorized
 
@@ -209,8 +209,10 @@ def _jwks_key(kid: str, rejected: RSAPublicKey | None = None) -> RSAPublicKey | 
         try:
             keys = _parse_jwks(clerk.get_jwks())
         except IrisError:
+            metrics.jwks_fetch("error")
             cache.failed_at = time.monotonic()
             raise
+        metrics.jwks_fetch("ok")
         cache.keys = (time.monotonic(), keys)
         return keys.get(kid)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from flask import Blueprint, current_app, g, redirect, render_template, session, url_for
 from sqlalchemy.exc import SQLAlchemyError
 
-from iris import accounts, auth, registration, verification
+from iris import accounts, auth, metrics, registration, verification
 from iris.errors import EmailTaken, IrisError, ValidationFailed
 from iris.extensions import db, limiter, register_limit, verification_email_limit
 from iris.forms import ConfirmForm, NewLinkForm, SignupForm, VerifyEmailForm
@@ -82,7 +82,9 @@ def home():
 
 
 @bp.route("/signup", methods=["GET", "POST"])
-@limiter.shared_limit(register_limit, scope="register", methods=["POST"])
+@limiter.shared_limit(
+    register_limit, scope="register", methods=["POST"], on_breach=metrics.registration_rate_limited
+)
 def signup():
     """The sign-up form. Success redirects (303) to the confirmation page; field problems re-render the form
     with 422 (409 for a taken email), the typed email kept and the password never sent back. Clerk or the

@@ -11,11 +11,13 @@ import contextlib
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -52,6 +54,10 @@ OWN_VARIABLES = (
     "FORWARDED_ALLOW_IPS",
     "IRIS_PROXY_HOPS",
     "RATELIMIT_STORAGE_URI",
+    # gunicorn.conf.py chooses the metrics directory itself (a private one per master) unless told.
+    "IRIS_METRICS_DIR",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "IRIS_METRICS_MASTER",
 )
 
 
@@ -155,6 +161,20 @@ class Gunicorn:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no request log line for {request_id}:\n{self.text()[-4000:]}")
             time.sleep(0.05)
+
+
+def gunicorn_settings() -> dict[str, Any]:
+    """gunicorn.conf.py's module namespace, read in this process as gunicorn reads it; what reading it does
+    to the environment (the metrics directory, PROMETHEUS_MULTIPROC_DIR) is undone, so no later test or
+    server inherits it."""
+    saved = dict(os.environ)
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            os.environ["IRIS_METRICS_DIR"] = directory
+            return runpy.run_path(str(GUNICORN_CONF))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # --- nginx -----------------------------------------------------------------------------------------------

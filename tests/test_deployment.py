@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import runpy
 import ssl
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from tests.servers import (
     Site,
     app_environment,
     behind_nginx,
+    gunicorn_settings,
     migrated_schema,
 )
 
@@ -122,7 +122,7 @@ def test_config_defaults_and_overrides(monkeypatch, variables, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    settings = runpy.run_path(str(GUNICORN_CONF))
+    settings = gunicorn_settings()
     for name, value in expected.items():
         assert settings[name] == value, name
 
@@ -147,7 +147,7 @@ def test_timeouts_cover_the_worst_case_registration(monkeypatch):
     connections, so nginx always closes them first."""
     for name in OWN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    settings = runpy.run_path(str(GUNICORN_CONF))
+    settings = gunicorn_settings()
     connect, read = clerk.DEFAULT_TIMEOUT
     one_call = connect * (1 + clerk.RETRIES.connect) + read
     # stale undo (find, delete), create, stray removal (find, delete), create again, lost-answer find
