@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast lint format clean reset
+.PHONY: run test test-fast lint format clean reset bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test-fast: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## bench: the benchmark (docs/performance.md): wrk straight at gunicorn and through nginx, with
+## gunicorn.conf.py; needs PostgreSQL on 127.0.0.1:5432, wrk and nginx; about two minutes
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .

@@ -1,14 +1,15 @@
-"""Registration and token-verification throughput under gunicorn, against the Clerk stand-in, on PostgreSQL.
+"""Registration and token-check throughput and CPU per request: wrk at gunicorn, straight and via nginx.
 
-The entry point: reads the options, runs the scenarios (``scenarios.py``, with the load from ``load.py``) and
-prints the report (``report.py``). What it measures, how, and the targets: docs/performance.md. Targets are
+The entry point: reads the options, runs the scenarios (``scenarios.py``, with the load from ``wrk.py``) and
+prints the report (``report.py``). gunicorn runs with the repository's gunicorn.conf.py, against the Clerk
+stand-in, on PostgreSQL. What it measures, how, and the targets: docs/performance.md. Targets are
 reported as PASS/MISS, not asserted. The exit status is 1 when a scenario saw an unexpected status or a
 failed request, 2 when the benchmark could not run.
 
 Run it from the repository root::
 
-    .venv/bin/python -m benchmarks            # under a minute
-    .venv/bin/python -m benchmarks --help     # durations, clients, gunicorn workers/threads, --json
+    .venv/bin/python -m benchmarks            # about two and a half minutes (make bench)
+    .venv/bin/python -m benchmarks --help     # durations, connections, gunicorn workers/threads, --json
 """
 
 from __future__ import annotations
@@ -22,37 +23,63 @@ from pathlib import Path
 
 import psycopg
 
-from benchmarks.load import BenchmarkError
 from benchmarks.report import build_report, code_version, print_report
 from benchmarks.scenarios import run_scenarios
+from benchmarks.wrk import BenchmarkError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2: one per core)")
-    parser.add_argument("--threads", type=int, default=32, help="gunicorn threads per worker (default 32)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="gunicorn workers, passed as WEB_CONCURRENCY (default: gunicorn.conf.py's, 2)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="gunicorn threads per worker, passed as GUNICORN_THREADS (default: gunicorn.conf.py's, 8)",
+    )
+    parser.add_argument(
+        "--routes",
+        nargs="+",
+        choices=["direct", "nginx"],
+        default=["direct", "nginx"],
+        help="direct: wrk straight at gunicorn; nginx: through nginx (default both, in that order)",
+    )
+    parser.add_argument(
+        "--email-verification",
+        choices=["required", "off"],
+        default="required",
+        help="IRIS_EMAIL_VERIFICATION (default required, as in production: a mail per registration)",
+    )
     parser.add_argument(
         "--ratio-clients",
         type=int,
         default=16,
-        help="clients for the healthz and latency-0 runs (default 16)",
+        help="connections for the healthz and users/me runs and the register/healthz ratio (default 16)",
     )
     parser.add_argument(
         "--slow-clients",
         type=int,
         nargs="+",
         default=[16, 32],
-        help="client counts for the 200 ms runs (default 16 32)",
+        help="connection counts for the register runs at Clerk 0 and 200 ms (default 16 32)",
     )
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per scenario (6)")
-    parser.add_argument("--ramp", type=float, default=1.0, help="seconds of load before measuring (1)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load (3)")
+    parser.add_argument("--duration", type=int, default=6, help="whole seconds measured per scenario (6)")
+    parser.add_argument("--ramp", type=int, default=1, help="whole seconds of load before measuring (1)")
+    parser.add_argument("--warmup", type=int, default=4, help="whole seconds of warm-up load per route (4)")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL")
-    parser.add_argument("--time-limit", type=int, default=180, help="abort after this many seconds (180)")
+    parser.add_argument("--time-limit", type=int, default=400, help="abort after this many seconds (400)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.threads < 1 or args.ratio_clients < 1 or min(args.slow_clients) < 1:
-        parser.error("workers, threads and client counts must be at least 1")
+    counts = [n for n in (args.workers, args.threads) if n is not None]
+    if min([*counts, args.ratio_clients, *args.slow_clients]) < 1:
+        parser.error("workers, threads and connection counts must be at least 1")
+    if args.duration < 1 or args.ramp < 0 or args.warmup < 0:
+        parser.error("--duration must be at least 1 s, --ramp and --warmup at least 0")
     return args
 
 

@@ -1,20 +1,29 @@
 """What the benchmark measures: the servers it starts, the endpoints it loads, the Clerk latency of each run.
 
-It creates a throwaway database ``iris_bench_<random>`` on PostgreSQL and migrates it, starts the Clerk
-stand-in (``python -m clerk_standin``) and gunicorn (gthread) on free loopback ports, warms up, and runs
-the scenarios in order: healthz, authenticated users/me, register with one client and with the ratio clients
-at Clerk latency 0, then register at a Clerk latency of 200 ms (a stand-in fault) for each slow client count.
-The stand-in's stats are reset before each scenario and read after it. It also samples, across each measuring
-window, the CPU used by each component (Linux ``/proc``) and the app's database connections in use. At the
-end it stops both servers and drops the database, also on failure. The load itself comes from ``load.py``.
+It creates a throwaway database ``iris_bench_<random>`` on PostgreSQL and migrates it, and starts the Clerk
+stand-in (``python -m clerk_standin``). Then, for each route, it starts gunicorn as production runs it (the
+repository's gunicorn.conf.py: gthread, its workers and threads unless --workers/--threads override them via
+WEB_CONCURRENCY/GUNICORN_THREADS) on a free loopback port: "direct" loads gunicorn straight with wrk's
+keep-alive connections; "nginx" puts nginx in front (a plain-HTTP copy of the deploy/ site's upstream and
+``location /``) and runs the app with IRIS_PROXY_HOPS=1, as behind the real proxy. A fresh gunicorn per route,
+so each starts with cold JWKS caches. For each it warms up and runs the scenarios in order: healthz,
+authenticated users/me, register with one connection and with each slow connection count at Clerk latency 0,
+then register at a Clerk latency of 200 ms (a stand-in fault) for each slow connection count. The stand-in's
+stats are reset before each scenario and read after it. Across each measuring window it samples the CPU used
+by each component and by each gunicorn worker (Linux ``/proc``), and the app's database connections in use. At
+the end it stops every server and drops the database, also on failure. The load itself comes from ``wrk.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,11 +38,14 @@ from typing import IO, Any
 import psycopg
 import requests
 
-from benchmarks.load import REQUEST_TIMEOUT, BenchmarkError, Result, Target, drive
+from benchmarks.wrk import REQUEST_TIMEOUT, UNIQUE, BenchmarkError, Result, Target, drive
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+NGINX_SITE = ROOT / "deploy" / "nginx-iris.conf"
 HOST = "127.0.0.1"
+HOST_SMTP = HOST + ":%d"
 STANDIN_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in's public default key)
 PASSWORD = "bench-correct-horse-battery-staple"  # noqa: S105 (accepted by the stand-in's password rules)
 CLERK_LATENCY_MS = 200
@@ -65,6 +77,20 @@ def wait_for(url: str, process: subprocess.Popen[bytes], log: IO[bytes], what: s
     raise BenchmarkError(f"{what} did not answer {url} within {timeout:.0f} s:\n{tail(log)}")
 
 
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log: IO[bytes], what: str, timeout: float
+) -> None:
+    """Wait until something accepts TCP connections on ``port``; fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchmarkError(f"{what} exited with {process.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise BenchmarkError(f"{what} did not listen on {port} within {timeout:.0f} s:\n{tail(log)}")
+
+
 def tail(log: IO[bytes], size: int = 4000) -> str:
     log.flush()
     log.seek(0)
@@ -72,11 +98,14 @@ def tail(log: IO[bytes], size: int = 4000) -> str:
 
 
 def notable_lines(log: IO[bytes]) -> list[str]:
-    """What gunicorn and the app wrote to stderr, without the app's INFO lines (one per request)."""
+    """What gunicorn and the app wrote to stderr, without INFO lines (the app's one per request, gunicorn's
+    start and stop)."""
     log.flush()
     log.seek(0)
     lines = log.read().decode(errors="replace").splitlines()
-    return [line for line in lines if line.strip() and '"level": "INFO"' not in line]
+    return [
+        line for line in lines if line.strip() and '"level": "INFO"' not in line and "] [INFO] " not in line
+    ]
 
 
 def stop(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
@@ -108,7 +137,7 @@ def database_url(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-def app_environment(standin_url: str, db_url: str) -> dict[str, str]:
+def app_environment(standin_url: str, db_url: str, smtp_port: int = 1) -> dict[str, str]:
     """The process environment without any Iris/Flask/Clerk settings of the caller, plus ours."""
     prefixes = ("FLASK_", "CLERK_", "IRIS_", "DATABASE_URL", "RATELIMIT_", "GUNICORN_", "WEB_CONCURRENCY")
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
@@ -118,6 +147,11 @@ def app_environment(standin_url: str, db_url: str) -> dict[str, str]:
         DATABASE_URL=db_url,
         FLASK_SECRET_KEY="bench",  # noqa: S106 (a throwaway key for a throwaway server)
         FLASK_SKIP_DOTENV="1",  # a developer's .env must not change what is measured
+        # Email verification is on, as in production: each registration queues a mail and sends it over SMTP
+        # inside the request, here to a local sink (aiosmtpd) on ``smtp_port``.
+        IRIS_PUBLIC_URL="https://accounts.example.com",
+        MAIL_SERVER=HOST,
+        MAIL_PORT=str(smtp_port),
         # Every benchmark request comes from one address: raise the per-IP limits out of reach, so the
         # limiter still runs (and costs what it costs) but never answers 429.
         FLASK_RATELIMIT_DEFAULT=UNREACHABLE_LIMIT,
@@ -179,26 +213,74 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
+def process_comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def write_calls(pid: int) -> int:
+    """Write system calls the process has made (``syscw`` of /proc/<pid>/io); 0 when unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    return 0
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def established_to(port: int) -> set[int]:
+    """Socket inodes of the established TCP connections whose local port is ``port`` (IPv4)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
 @dataclass
 class CpuProbe:
-    """Samples CPU seconds per component: the load generator (this process), gunicorn (master and workers),
-    the stand-in, the PostgreSQL backends serving the benchmark database, and the whole machine; and how
-    many of the app's database connections are in use."""
+    """Samples CPU seconds per component: the load generator (wrk, a child of this process), the gunicorn
+    workers (each one, and their sum: the app's own CPU), nginx (master and workers, when in front), the
+    stand-in, the PostgreSQL backends serving the benchmark database, and the whole machine; how many of the
+    app's database connections are in use; and, per gunicorn worker, its write system calls (a proxy for the
+    requests it served) and the client connections it held halfway through the window."""
 
     gunicorn_pid: int
     standin_pid: int
     admin_url: str
     db_name: str
+    app_port: int
+    nginx_pid: int | None = None
     enabled: bool = field(default_factory=lambda: Path("/proc/stat").exists())
 
     def observe(self, until: float) -> dict[str, float]:
         """The driver's observer: CPU used per component from now until ``until`` (perf_counter), and the
         database connections in use over that time."""
         before = self.sample()
-        pool = self.database_connections(until)
+        middle = time.perf_counter() + (until - time.perf_counter()) / 2
+        pool = self.database_connections(middle)
+        held = self.connections_per_worker()
+        pool_late = self.database_connections(until)
         time.sleep(max(0.0, until - time.perf_counter()))
         after = self.sample()
-        return {**self.difference(before, after), **pool}
+        return {**self.difference(before, after), **merge_pool(pool, pool_late), **held}
+
+    def workers(self) -> list[int]:
+        return sorted(children(self.gunicorn_pid))
 
     def sample(self) -> dict[str, Any]:
         if not self.enabled:
@@ -211,20 +293,32 @@ class CpuProbe:
                 ).fetchall()
             backends = {pid: process_cpu(pid) for (pid,) in rows}
         busy, total = machine_ticks()
+        nginx = [self.nginx_pid, *children(self.nginx_pid)] if self.nginx_pid else []
+        # wrk exits at the end of its run but stays a zombie, CPU times readable, until the driver reaps it.
+        clients = [pid for pid in children(os.getpid()) if process_comm(pid) == "wrk"]
         return {
-            # The load generator runs in this process (load.py); a driver that runs elsewhere would need its
-            # own process's CPU here.
-            "client": time.process_time(),
-            "gunicorn": sum(process_cpu(pid) for pid in [self.gunicorn_pid, *children(self.gunicorn_pid)]),
+            "client": {pid: process_cpu(pid) for pid in clients},
+            "workers": {pid: (process_cpu(pid), write_calls(pid)) for pid in self.workers()},
+            "nginx": sum(process_cpu(pid) for pid in nginx),
             "standin": process_cpu(self.standin_pid),
             "postgres": backends,
             "machine": (busy, total),
         }
 
-    def database_connections(self, until: float, every: float = 0.1) -> dict[str, float]:
-        """Sample the app's PostgreSQL connections until ``until`` (perf_counter): how many exist, and how
-        many are in use (running a statement or inside a transaction, i.e. checked out of a pool), on
-        average and at most. In use close to all of them, all the time, would make the pools the limit."""
+    def connections_per_worker(self) -> dict[str, float]:
+        """Client connections to gunicorn's port held by each worker, now (keep-alive connections stay with
+        the worker that accepted them)."""
+        if not self.enabled:
+            return {}
+        established = established_to(self.app_port)
+        return {
+            f"worker{n}_conns": len(socket_inodes(pid) & established)
+            for n, pid in enumerate(self.workers(), start=1)
+        }
+
+    def database_connections(self, until: float, every: float = 0.1) -> list[tuple[int, int]]:
+        """Sample the app's PostgreSQL connections until ``until`` (perf_counter): (in use, open). In use
+        means running a statement or inside a transaction, i.e. checked out of a pool."""
         samples: list[tuple[int, int]] = []
         with (
             contextlib.suppress(psycopg.Error),
@@ -239,36 +333,52 @@ class CpuProbe:
                 if row is not None:
                     samples.append((int(row[0]), int(row[1])))
                 time.sleep(max(0.0, min(every, until - time.perf_counter())))
-        if not samples:
-            return {}
-        return {
-            "db_in_use_mean": sum(busy for busy, _ in samples) / len(samples),
-            "db_in_use_max": max(busy for busy, _ in samples),
-            "db_connections": max(total for _, total in samples),
-        }
+        return samples
 
     @staticmethod
     def difference(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-        """CPU seconds used between two samples, per component, plus ``busy`` (fraction of all CPUs)."""
+        """CPU seconds used between two samples, per component, plus ``busy`` (fraction of all CPUs), and
+        per gunicorn worker (numbered by pid order) its CPU seconds and write system calls."""
         if not before or not after:
             return {}
         postgres = sum(cpu - before["postgres"].get(pid, 0.0) for pid, cpu in after["postgres"].items())
+        client = sum(cpu - before["client"].get(pid, 0.0) for pid, cpu in after["client"].items())
+        per_worker = {}
+        for n, (pid, (cpu, writes)) in enumerate(sorted(after["workers"].items()), start=1):
+            cpu_before, writes_before = before["workers"].get(pid, (0.0, 0))
+            per_worker[f"worker{n}_cpu"] = cpu - cpu_before
+            per_worker[f"worker{n}_writes"] = writes - writes_before
         busy = after["machine"][0] - before["machine"][0]
         total = after["machine"][1] - before["machine"][1]
         used = {
-            "client": after["client"] - before["client"],
-            "gunicorn": after["gunicorn"] - before["gunicorn"],
+            "client": client,
+            "gunicorn": sum(v for k, v in per_worker.items() if k.endswith("_cpu")),
+            "nginx": after["nginx"] - before["nginx"],
             "standin": after["standin"] - before["standin"],
             "postgres": postgres,
         }
-        # Everything else that ran: PostgreSQL's own background processes, the kernel, and any other work on
-        # the machine (on a shared box, other people's test runs), as a fraction of all CPUs.
+        # Everything else that ran: the gunicorn master, PostgreSQL's own background processes, the kernel,
+        # this script, and any other work on the machine (on a shared box, other people's test runs), as a
+        # fraction of all CPUs.
         other = busy / CLK_TCK - sum(used.values())
         return {
             **used,
+            **per_worker,
             "busy": busy / total if total else 0.0,
             "other": max(0.0, other) / (total / CLK_TCK) if total else 0.0,
         }
+
+
+def merge_pool(*parts: list[tuple[int, int]]) -> dict[str, float]:
+    """Mean and max of the app's database connections in use, and the most open, over the samples."""
+    samples = [sample for part in parts for sample in part]
+    if not samples:
+        return {}
+    return {
+        "db_in_use_mean": sum(busy for busy, _ in samples) / len(samples),
+        "db_in_use_max": max(busy for busy, _ in samples),
+        "db_connections": max(total for _, total in samples),
+    }
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -282,17 +392,19 @@ class Scenario:
     clients: int
     duration: float
     clerk_latency_ms: int = 0
+    route: str = "direct"  # "direct": wrk straight at gunicorn; "nginx": wrk -> nginx -> gunicorn
     ok: int = 0  # expected answers completed inside the measuring window
+    requests: int = 0  # all answers completed inside the measuring window
     throughput: float = 0.0
     p50_ms: float = 0.0
     p95_ms: float = 0.0
-    errors: dict[str, int] = field(default_factory=dict)  # unexpected statuses/exceptions, whole scenario
+    errors: dict[str, int] = field(default_factory=dict)  # unexpected statuses / socket errors
     cpu: dict[str, float] = field(default_factory=dict)
     standin: dict[str, Any] = field(default_factory=dict)
     worker_processes: int = 0  # distinct gunicorn workers seen before and after the scenario (Linux only)
 
     def record(self, result: Result) -> None:
-        self.ok, self.throughput = result.ok, result.throughput
+        self.ok, self.requests, self.throughput = result.ok, result.requests, result.throughput
         self.p50_ms, self.p95_ms = result.p50_ms, result.p95_ms
         self.errors = result.errors
         self.cpu = result.observed
@@ -300,6 +412,13 @@ class Scenario:
     @property
     def ideal(self) -> float:
         return self.clients / (self.clerk_latency_ms / 1000) if self.clerk_latency_ms else 0.0
+
+    @property
+    def app_cpu_ms(self) -> float:
+        """The gunicorn workers' CPU per answer served in the window, in ms (nan without /proc)."""
+        if "gunicorn" not in self.cpu or not self.requests:
+            return float("nan")
+        return 1000 * self.cpu["gunicorn"] / self.requests
 
     @property
     def registrations(self) -> int:
@@ -314,9 +433,8 @@ class Scenario:
         return 1000 * count / self.registrations if self.registrations else float("nan")
 
 
-def new_registration() -> dict[str, str]:
-    """A register request's body, with an email no other request uses."""
-    return {"email": f"bench-{uuid.uuid4().hex}@iris-bench.example.com", "password": PASSWORD}
+# A register request's body: wrk puts a part no other request of the run has in place of UNIQUE.
+REGISTRATION = json.dumps({"email": f"bench-{UNIQUE}@iris-bench.example.com", "password": PASSWORD})
 
 
 def session_tokens(register_url: str, standin_url: str, count: int) -> list[str]:
@@ -350,24 +468,29 @@ def session_tokens(register_url: str, standin_url: str, count: int) -> list[str]
 
 
 def measure(
-    args: argparse.Namespace, app_url: str, standin_url: str, control: StandinControl, probe: CpuProbe
+    args: argparse.Namespace,
+    route: str,
+    app_url: str,
+    standin_url: str,
+    control: StandinControl,
+    probe: CpuProbe,
 ) -> list[Scenario]:
     register_url = app_url + "/api/v1/auth/register"
     healthz = Target("GET", app_url + "/healthz", 200)
-    register = Target("POST", register_url, 201, body=new_registration)
+    register = Target("POST", register_url, 201, body=REGISTRATION)
 
     # Warm-up: imports, thread pools, database pools and Clerk keep-alive sessions in every thread. Not
     # users/me: no token is verified before its scenario, so each worker's first JWKS fetch is counted.
     warm_clients = max([args.ratio_clients, *args.slow_clients])
-    print(f"warm-up: {args.warmup:.0f} s, {warm_clients} clients", flush=True)
+    print(f"[{route}] warm-up: {args.warmup:g} s, {warm_clients} connections", flush=True)
     control.reset()
     for target in (healthz, register):
-        bad = drive(target, warm_clients, 0, args.warmup / 2).errors
+        bad = drive(target, warm_clients, 0, max(1, args.warmup // 2)).errors
         if bad:
             print(f"  warm-up saw unexpected answers: {bad}", flush=True)
 
-    # One session token per users/me client. They are JWTs: the stand-in's reset before each scenario (which
-    # forgets its users and sessions but keeps its signing key) does not invalidate them.
+    # Session tokens for the users/me requests, taken in turn. They are JWTs: the stand-in's reset before each
+    # scenario (which forgets its users and sessions but keeps its signing key) does not invalidate them.
     tokens = session_tokens(register_url, standin_url, args.ratio_clients)
     users_me = Target(
         "GET",
@@ -376,59 +499,166 @@ def measure(
         headers=[{"Authorization": f"Bearer {token}"} for token in tokens],
     )
 
+    def scenario(name: str, path: str, expected: int, clients: int, duration: float, latency: int = 0):
+        return Scenario(name, path, expected, clients, duration, latency, route)
+
+    register_path = "/api/v1/auth/register"
     plan = [
-        Scenario("healthz, Clerk 0 ms", "/healthz", 200, args.ratio_clients, args.duration),
-        # Right after healthz, with the same clients and duration: the two are divided (target 4).
-        Scenario("users/me, Bearer token", "/api/v1/users/me", 200, args.ratio_clients, args.duration),
-        # One client, no contention: the time a registration takes end to end (a diagnostic, no target).
-        Scenario("register, Clerk 0 ms", "/api/v1/auth/register", 201, 1, min(args.duration, 3.0)),
-        Scenario("register, Clerk 0 ms", "/api/v1/auth/register", 201, args.ratio_clients, args.duration),
+        scenario("healthz", "/healthz", 200, args.ratio_clients, args.duration),
+        # Right after healthz, with the same connections and duration: the two are divided.
+        scenario("users/me, Bearer", "/api/v1/users/me", 200, args.ratio_clients, args.duration),
+        # One connection, no contention: the time a registration takes end to end (a diagnostic, no target).
+        scenario("register, Clerk 0 ms", register_path, 201, 1, min(args.duration, 3)),
         *(
-            Scenario(
-                f"register, Clerk {CLERK_LATENCY_MS} ms",
-                "/api/v1/auth/register",
-                201,
-                clients,
-                args.duration,
-                CLERK_LATENCY_MS,
-            )
+            scenario("register, Clerk 0 ms", register_path, 201, clients, args.duration)
             for clients in args.slow_clients
         ),
+        *(
+            scenario(
+                f"register, Clerk {CLERK_LATENCY_MS} ms", register_path, 201, clients, args.duration, lat
+            )
+            for clients in args.slow_clients
+            for lat in [CLERK_LATENCY_MS]
+        ),
     ]
-    targets = {"/healthz": healthz, "/api/v1/users/me": users_me, "/api/v1/auth/register": register}
-    for scenario in plan:
+    targets = {"/healthz": healthz, "/api/v1/users/me": users_me, register_path: register}
+    for item in plan:
         print(
-            f"{scenario.name}, {scenario.clients} clients: {args.ramp:g} s + {scenario.duration:g} s",
+            f"[{route}] {item.name}, {item.clients} connections: {args.ramp:g} s + {item.duration:g} s",
             flush=True,
         )
         control.reset()  # also forgets the stand-in's users and sessions; emails are unique anyway
-        if scenario.clerk_latency_ms:
-            control.add_fault(method="POST", path="/v1/users", latency_ms=scenario.clerk_latency_ms)
-        workers_before = set(children(probe.gunicorn_pid)) if probe.enabled else set()
-        scenario.record(
-            drive(targets[scenario.path], scenario.clients, args.ramp, scenario.duration, probe.observe)
-        )
-        scenario.standin = control.stats()
+        if item.clerk_latency_ms:
+            control.add_fault(method="POST", path="/v1/users", latency_ms=item.clerk_latency_ms)
+        workers_before = set(probe.workers()) if probe.enabled else set()
+        item.record(drive(targets[item.path], item.clients, args.ramp, item.duration, probe.observe))
+        item.standin = control.stats()
         if probe.enabled:
-            scenario.worker_processes = len(workers_before | set(children(probe.gunicorn_pid)))
+            item.worker_processes = len(workers_before | set(probe.workers()))
     return plan
 
 
+# --------------------------------------------------------------------------- servers
+
+
+def gunicorn_settings(env: dict[str, str]) -> tuple[int, int]:
+    """(workers, threads) that gunicorn.conf.py sets in ``env``."""
+    code = (
+        "import json, runpy; c = runpy.run_path('gunicorn.conf.py');"
+        " print(json.dumps([c['workers'], c['threads']]))"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    if answer.returncode != 0:
+        raise BenchmarkError("reading gunicorn.conf.py failed:\n" + answer.stderr)
+    workers, threads = json.loads(answer.stdout)
+    return int(workers), int(threads)
+
+
+@contextlib.contextmanager
+def gunicorn_server(env: dict[str, str], log: IO[bytes], workers: int) -> Iterator[tuple[int, int]]:
+    """gunicorn with the repository's gunicorn.conf.py (production settings), bound to a free loopback port
+    through GUNICORN_BIND; yields (master pid, port) once every worker answers."""
+    port = free_port()
+    command = [str(BIN / "gunicorn"), "--config", str(GUNICORN_CONF), "wsgi:app"]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**env, "GUNICORN_BIND": f"{HOST}:{port}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://{HOST}:{port}/healthz", process, log, "gunicorn", 30)
+        deadline = time.monotonic() + 30
+        while len(children(process.pid)) < workers:
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"gunicorn did not start {workers} workers:\n{tail(log)}")
+            time.sleep(0.1)
+        yield process.pid, port
+    finally:
+        stop(process)
+
+
+def nginx_config(directory: Path, listen_port: int, upstream_port: int) -> str:
+    """A private nginx configuration: the deploy/ site's upstream (keep-alive to gunicorn) and its
+    ``location /`` (the same proxy settings), served over plain HTTP on ``listen_port``. Main settings as
+    Debian's nginx.conf ships them (worker_processes auto, 768 connections per worker, an access log)."""
+    site = NGINX_SITE.read_text()
+    upstream = re.findall(r"^upstream iris_app \{\n.*?^\}\n", site, re.MULTILINE | re.DOTALL)
+    location = re.findall(r"^    location / \{\n.*?^    \}\n", site, re.MULTILINE | re.DOTALL)
+    if len(upstream) != 1 or len(location) != 1 or upstream[0].count("server 127.0.0.1:8000;") != 1:
+        raise BenchmarkError(f"{NGINX_SITE} should have one `upstream iris_app` and one `location /`")
+    upstream_block = upstream[0].replace("server 127.0.0.1:8000;", f"server {HOST}:{upstream_port};")
+    return f"""daemon off;
+worker_processes auto;
+pid {directory}/nginx.pid;
+error_log {directory}/nginx-error.log notice;
+events {{ worker_connections 768; }}
+http {{
+    sendfile on;
+    tcp_nopush on;
+    access_log {directory}/nginx-access.log;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+{upstream_block}
+    server {{
+        listen {HOST}:{listen_port};
+        client_max_body_size 1m;
+{location[0]}    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_server(directory: Path, upstream_port: int) -> Iterator[tuple[int, int]]:
+    """nginx in the foreground on a private prefix in front of gunicorn; yields (master pid, port)."""
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if binary is None:
+        raise BenchmarkError("nginx is not installed (apt-get install -y nginx)")
+    port = free_port()
+    config = directory / "nginx.conf"
+    config.write_text(nginx_config(directory, port, upstream_port))
+    command = [binary, "-p", f"{directory}/", "-c", str(config), "-e", f"{directory}/nginx-error.log"]
+    with open(directory / "nginx-output.log", "w+b") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(f"http://{HOST}:{port}/healthz", process, log, "nginx", 20)
+            yield process.pid, port
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGQUIT)  # graceful shutdown
+            stop(process)
+
+
 def run_scenarios(args: argparse.Namespace) -> tuple[list[Scenario], list[str]]:
-    """Set up the database and both servers, run every scenario, tear it all down. Returns the scenarios
-    and the lines gunicorn and the app logged above INFO. Sets ``args.gunicorn_command``."""
+    """Set up the database and the stand-in; for each route (straight at gunicorn, through nginx) start a
+    fresh gunicorn (and nginx), run every scenario, stop them; tear it all down. Returns the scenarios and the
+    lines gunicorn and the app logged above INFO. Sets ``args.gunicorn_command``, ``args.workers`` and
+    ``args.threads`` (what gunicorn.conf.py made of them) and ``args.nginx_config``."""
     standin: subprocess.Popen[bytes] | None = None
-    gunicorn: subprocess.Popen[bytes] | None = None
+    smtp: subprocess.Popen[bytes] | None = None
+    scenarios: list[Scenario] = []
+    logged: list[str] = []
     with (
         tempfile.TemporaryFile() as standin_log,
-        tempfile.TemporaryFile() as gunicorn_log,
         tempfile.TemporaryDirectory(prefix="iris_bench_") as scratch,
         throwaway_database(args.pg_url) as db_name,
     ):
         try:
-            standin_port, app_port = free_port(), free_port()
-            standin_url, app_url = f"http://{HOST}:{standin_port}", f"http://{HOST}:{app_port}"
-            env = app_environment(standin_url, database_url(args.pg_url, db_name))
+            standin_port, smtp_port = free_port(), free_port()
+            standin_url = f"http://{HOST}:{standin_port}"
+            env = app_environment(standin_url, database_url(args.pg_url, db_name), smtp_port)
+            env["IRIS_EMAIL_VERIFICATION"] = args.email_verification
+            if args.workers is not None:
+                env["WEB_CONCURRENCY"] = str(args.workers)
+            if args.threads is not None:
+                env["GUNICORN_THREADS"] = str(args.threads)
+            args.workers, args.threads = gunicorn_settings(env)
             print(f"database {db_name}: migrating", flush=True)
             migrate = subprocess.run(
                 [str(BIN / "flask"), "db", "upgrade"], cwd=ROOT, env=env, capture_output=True, timeout=60
@@ -452,27 +682,54 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Scenario], list[str]]:
                 stderr=subprocess.STDOUT,
             )
             wait_for(standin_url + "/__standin/health", standin, standin_log, "the Clerk stand-in", 20)
-            # An empty config file: every setting is on this command line; the repository's gunicorn.conf.py
-            # (production settings, read from the working directory by default) is not read.
-            empty_config = Path(scratch) / "gunicorn_bench.conf.py"
-            empty_config.write_text("# empty: every setting is on the command line\n")
-            command = [str(BIN / "gunicorn"), "--config", str(empty_config), "--worker-class", "gthread"]
-            command += ["--workers", str(args.workers), "--threads", str(args.threads)]
-            command += ["--bind", f"{HOST}:{app_port}", "--log-level", "warning", "--graceful-timeout", "5"]
-            command += ["wsgi:app"]
-            args.gunicorn_command = "gunicorn " + " ".join(command[1:]).replace(str(empty_config), "<empty>")
-            print(args.gunicorn_command, flush=True)
-            gunicorn = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=gunicorn_log, stderr=subprocess.STDOUT
+            smtp = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "aiosmtpd",
+                    "-n",
+                    "-c",
+                    "aiosmtpd.handlers.Sink",
+                    "-l",
+                    HOST_SMTP % smtp_port,
+                ],
+                cwd=ROOT,
+                stdout=standin_log,
+                stderr=subprocess.STDOUT,
             )
-            wait_for(app_url + "/healthz", gunicorn, gunicorn_log, "gunicorn", 30)
-
+            wait_for_port(smtp_port, smtp, standin_log, "the SMTP sink", 20)
             control = StandinControl(standin_url)
-            probe = CpuProbe(gunicorn.pid, standin.pid, args.pg_url, db_name)
-            scenarios = measure(args, app_url, standin_url, control, probe)
+            overrides = " ".join(
+                f"{name}={env[name]}" for name in ("WEB_CONCURRENCY", "GUNICORN_THREADS") if name in env
+            )
+            args.gunicorn_command = (
+                f"IRIS_EMAIL_VERIFICATION={args.email_verification} {overrides + ' ' if overrides else ''}"
+                f"GUNICORN_BIND={HOST}:<port>"
+                " gunicorn --config gunicorn.conf.py wsgi:app"
+            )
+            print(args.gunicorn_command, flush=True)
+            for route in args.routes:
+                # A fresh gunicorn per route: each route starts with cold JWKS caches (so its fetches are
+                # counted), and behind nginx the app trusts one proxy hop, as in production.
+                route_env = {**env, "IRIS_PROXY_HOPS": "1"} if route == "nginx" else env
+                with (
+                    tempfile.TemporaryFile() as gunicorn_log,
+                    gunicorn_server(route_env, gunicorn_log, args.workers) as (gunicorn_pid, app_port),
+                    contextlib.ExitStack() as stack,
+                ):
+                    url, nginx_pid = f"http://{HOST}:{app_port}", None
+                    if route == "nginx":
+                        directory = Path(scratch) / "nginx"
+                        directory.mkdir(exist_ok=True)
+                        nginx_pid, nginx_port = stack.enter_context(nginx_server(directory, app_port))
+                        url = f"http://{HOST}:{nginx_port}"
+                        args.nginx_config = (directory / "nginx.conf").read_text()
+                    probe = CpuProbe(gunicorn_pid, standin.pid, args.pg_url, db_name, app_port, nginx_pid)
+                    scenarios += measure(args, route, url, standin_url, control, probe)
+                    stack.close()
+                    logged += [f"[{route}] {line}" for line in notable_lines(gunicorn_log)]
         finally:
-            stop(gunicorn)
+            stop(smtp)
             stop(standin)
-        logged = notable_lines(gunicorn_log)
         print(f"database {db_name}: dropped", flush=True)
     return scenarios, logged
