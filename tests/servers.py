@@ -78,7 +78,8 @@ def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
         MAIL_PORT="1",  # nothing listens: mails stay in the outbox unless a test passes its own server
         CLERK_SECRET_KEY=standin.secret_key,
         CLERK_API_URL=standin.base_url,
-        GUNICORN_BIND="127.0.0.1:0",
+        # A port chosen here, not 0: with reuse_port every worker binds the address itself.
+        GUNICORN_BIND=f"127.0.0.1:{free_port()}",
         PYTHONUNBUFFERED="1",
         **variables,
     )
@@ -107,7 +108,7 @@ class Gunicorn:
             deadline = time.monotonic() + STARTUP_SECONDS
             while time.monotonic() < deadline:
                 text = self.text()
-                found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
+                found = re.fullmatch(r"127\.0\.0\.1:(\d+)", self.env.get("GUNICORN_BIND", ""))
                 if found and text.count("Booting worker") >= self.workers:
                     self.port = int(found.group(1))
                     if self._answers():

@@ -106,12 +106,19 @@ def test_gunicorn_loads_the_config_file_and_the_app_with_environment_overrides()
     [
         (
             {},
-            {"workers": 2, "threads": 8, "bind": ["127.0.0.1:8000"], "preload_app": False, "max_requests": 0},
+            {
+                "workers": 2,
+                "threads": 8,
+                "bind": ["127.0.0.1:8000"],
+                "preload_app": False,
+                "max_requests": 0,
+                "reuse_port": True,
+            },
         ),
         ({"PORT": "9123"}, {"bind": ["127.0.0.1:9123"]}),
         (
             {"GUNICORN_BIND": "unix:/run/iris/gunicorn.sock, 127.0.0.1:8001", "PORT": "9123"},
-            {"bind": ["unix:/run/iris/gunicorn.sock", "127.0.0.1:8001"]},
+            {"bind": ["unix:/run/iris/gunicorn.sock", "127.0.0.1:8001"], "reuse_port": False},
         ),
         ({"GUNICORN_PRELOAD": "off"}, {"preload_app": False}),
     ],
