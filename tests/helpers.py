@@ -219,6 +219,28 @@ def create_clerk_user(standin, email: str, password: str = PASSWORD, external_id
     return response.json()
 
 
+def bapi(standin, method: str, path: str, **body: Any) -> Any:
+    """One call to the stand-in's Backend API with the secret key, as a Clerk client makes it; asserts 200."""
+    response = requests.request(
+        method, standin.api_url + path, json=body or None, headers=BAPI_HEADERS, timeout=5
+    )
+    assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text}"
+    return response.json()
+
+
+def add_primary_address(standin, clerk_user_id: str, email: str) -> None:
+    """What a person does in Clerk's account portal: add an address (verified there) and make it primary."""
+    bapi(
+        standin,
+        "POST",
+        "/email_addresses",
+        user_id=clerk_user_id,
+        email_address=email,
+        verified=True,
+        primary=True,
+    )
+
+
 def password_works(standin, clerk_user_id: str, password: str) -> bool:
     """Whether Clerk accepts ``password`` for the user (``POST /v1/users/{id}/verify_password``)."""
     response = requests.post(

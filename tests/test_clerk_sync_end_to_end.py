@@ -14,7 +14,15 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from iris.extensions import db
-from tests.helpers import BAPI_HEADERS, PASSWORD, URL, WEBHOOK_SECRET, create_clerk_user, wait_for
+from tests.helpers import (
+    PASSWORD,
+    URL,
+    WEBHOOK_SECRET,
+    add_primary_address,
+    bapi,
+    create_clerk_user,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -27,27 +35,6 @@ def webhooks(app: Flask, standin) -> Iterator[str]:
     yield base_url
     standin.control.disable_webhooks()
     server.shutdown()
-
-
-def bapi(standin, method: str, path: str, **body) -> dict:
-    response = requests.request(
-        method, standin.api_url + path, json=body or None, headers=BAPI_HEADERS, timeout=5
-    )
-    assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text}"
-    return response.json()
-
-
-def move_to(standin, clerk_user_id: str, email: str) -> None:
-    """What a person does in Clerk's account portal: add an address (verified there), make it primary."""
-    bapi(
-        standin,
-        "POST",
-        "/email_addresses",
-        user_id=clerk_user_id,
-        email_address=email,
-        verified=True,
-        primary=True,
-    )
 
 
 def settled(standin) -> list[dict]:
@@ -79,7 +66,7 @@ def test_changes_at_clerk_reach_the_account_through_signed_webhooks(app, standin
     # user.created (the address verified, as made) and user.updated (registration unverified it): unconfirmed.
     assert account(app, clerk_user_id) == ("owner@bistro.example", False, False)
 
-    move_to(standin, clerk_user_id, "Chef@Bistro.example")
+    add_primary_address(standin, clerk_user_id, "Chef@Bistro.example")
     settled(standin)
     assert account(app, clerk_user_id) == ("chef@bistro.example", True, False)
 
@@ -99,14 +86,14 @@ def test_reordered_repeated_and_late_deliveries_end_in_the_same_account(app, sta
     walkin = create_clerk_user(standin, "walkin@bistro.example")
     settled(standin)
     standin.control.add_webhook_fault(action="reorder", count=3)  # the next three, newest first
-    move_to(standin, walkin["id"], "second@bistro.example")
-    move_to(standin, walkin["id"], "third@bistro.example")
-    move_to(standin, walkin["id"], "fourth@bistro.example")
+    add_primary_address(standin, walkin["id"], "second@bistro.example")
+    add_primary_address(standin, walkin["id"], "third@bistro.example")
+    add_primary_address(standin, walkin["id"], "fourth@bistro.example")
     settled(standin)
     assert account(app, walkin["id"]) == ("fourth@bistro.example", True, False)
     standin.control.clear_webhook_faults()
     standin.control.add_webhook_fault(action="repeat", count=2, type="user.updated")  # sent three times
-    move_to(standin, walkin["id"], "fifth@bistro.example")
+    add_primary_address(standin, walkin["id"], "fifth@bistro.example")
     deliveries = settled(standin)
     assert account(app, walkin["id"]) == ("fifth@bistro.example", True, False)
     delivered = [d["svix_id"] for d in deliveries if d["outcome"] == "delivered"]
@@ -117,7 +104,7 @@ def test_a_late_older_update_after_the_delete_changes_nothing(app, standin, webh
     walkin = create_clerk_user(standin, "walkin@bistro.example")
     settled(standin)
     standin.control.add_webhook_fault(action="delay", seconds=1, type="user.updated", times=1)
-    move_to(standin, walkin["id"], "later@bistro.example")
+    add_primary_address(standin, walkin["id"], "later@bistro.example")
     bapi(standin, "DELETE", f"/users/{walkin['id']}")
     deliveries = settled(standin)
     assert [d["type"] for d in deliveries if d["outcome"] == "delivered"][-2:] == [

@@ -22,19 +22,11 @@ from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
 from iris.extensions import db
-from tests.helpers import BAPI_HEADERS, WEBHOOK_SECRET, create_clerk_user, register
+from tests.helpers import BAPI_HEADERS, WEBHOOK_SECRET, add_primary_address, bapi, create_clerk_user, register
 
 HOOK = "/api/v1/webhooks/clerk"
 # Svix retries a failed delivery several times; more than enough for any order of this scenario.
 RETRY_ROUNDS = 4
-
-
-def bapi(standin, method: str, path: str, **body) -> dict:
-    response = requests.request(
-        method, standin.api_url + path, json=body or None, headers=BAPI_HEADERS, timeout=5
-    )
-    assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text}"
-    return response.json()
 
 
 def state(standin, clerk_user_id: str) -> dict:
@@ -45,15 +37,7 @@ def move_to(standin, clerk_user_id: str, email: str) -> None:
     """The user adds ``email`` (verified, as Clerk's own flow leaves it), makes it primary and removes the old
     primary address, freeing it for someone else."""
     old = state(standin, clerk_user_id)["primary_email_address_id"]
-    bapi(
-        standin,
-        "POST",
-        "/email_addresses",
-        user_id=clerk_user_id,
-        email_address=email,
-        verified=True,
-        primary=True,
-    )
+    add_primary_address(standin, clerk_user_id, email)
     bapi(standin, "DELETE", f"/email_addresses/{old}")
 
 
