@@ -90,9 +90,11 @@ def engine_options(
             "max_overflow": 0,
             # Fail fast (and answer 503) instead of queueing for the default 30 s when the pool is empty.
             "pool_timeout": 10,
-            # Neon suspends idle computes and kills their connections: test each one at checkout.
-            "pool_pre_ping": True,
-            # Retire connections before Neon's 5-minute suspend can kill them under us.
+            # Neon suspends idle computes and kills their connections. Retire each connection before that
+            # 5-minute mark, and refuse at checkout one whose server end has closed anyway (a restart, a
+            # terminated backend): ``extensions.discard_closed_connection``, one poll() and no round trip.
+            # pool_pre_ping would add a ping round trip to every transaction (docs/performance.md).
+            "pool_pre_ping": False,
             "pool_recycle": 240,
             "connect_args": {
                 # A cold Neon compute wakes in well under this; a dead host should not hang a request.

@@ -1,5 +1,7 @@
 """Flask extensions, created unbound here and bound to the app in ``create_app``."""
 
+import select
+
 import sqlalchemy as sa
 from flask import current_app
 from flask_limiter import Limiter
@@ -78,3 +80,32 @@ def bound_the_transaction(connection: sa.Connection) -> None:
         "SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout', %(ms)s, true)",
         {"ms": str(timeout)},
     )
+
+
+@sa.event.listens_for(sa.pool.Pool, "checkout")
+def discard_closed_connection(dbapi_connection, connection_record, connection_proxy) -> None:
+    """Refuse a pooled psycopg connection that the server (or a pooler in between) has closed while it sat
+    idle in the pool, so SQLAlchemy replaces it before the request uses it. Costs one ``poll`` system call:
+    no round trip, unlike ``pool_pre_ping``'s ping (an empty statement) on every checkout.
+
+    Guarantee: a connection whose server end is gone because PostgreSQL or PgBouncer restarted, or the
+    backend was terminated (``pg_terminate_backend``, an idle timeout), is never handed out: the server sends
+    its last message and closes the socket, so the socket is readable although no query is running. Raising
+    ``DisconnectionError`` makes the pool open a new connection and run this check again (twice at most; then
+    the request fails with ``database_unavailable`` as before). An idle connection in good health has nothing
+    to read (Iris never LISTENs), so a false alarm costs at most one reconnect. What this cannot see, no
+    check short of a round trip can: a peer that vanished without closing (a network partition); libpq's TCP
+    keepalives and the statement timeout bound those. Neon's idle suspend is met earlier, by ``pool_recycle``
+    (``config.engine_options``).
+
+    Only psycopg connections are checked; SQLite's have no socket.
+    """
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    if pgconn is None:
+        return
+    if dbapi_connection.closed or dbapi_connection.broken:
+        raise sa.exc.DisconnectionError("the connection is closed")
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN | select.POLLPRI)
+    if poller.poll(0):
+        raise sa.exc.DisconnectionError("the server closed the connection while it was idle in the pool")

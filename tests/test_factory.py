@@ -128,7 +128,7 @@ def test_engine_options_for_neon():
     options = config.engine_options("postgresql+psycopg://h/db")
     assert options["pool_size"] == 5
     assert options["max_overflow"] == 0
-    assert options["pool_pre_ping"] is True
+    assert options["pool_pre_ping"] is False  # discard_closed_connection instead (test_pool_liveness.py)
     assert 0 < options["pool_recycle"] < 300
     assert options["connect_args"]["prepare_threshold"] is None
     assert options["connect_args"]["connect_timeout"] > 0
@@ -154,7 +154,7 @@ def test_the_app_engine_is_built_with_the_neon_options(app):
         pool = db.engine.pool
         assert pool.size() == 5
         assert pool._max_overflow == 0
-        assert pool._pre_ping is True
+        assert pool._pre_ping is False
         assert db.engine.dialect.driver == "psycopg"
 
 
