@@ -51,7 +51,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 ## bench: the benchmark (docs/performance.md): wrk straight at gunicorn and through nginx, with
-## gunicorn.conf.py; needs PostgreSQL on 127.0.0.1:5432, wrk and nginx; about two minutes
+## gunicorn.conf.py; needs PostgreSQL on 127.0.0.1:5432, wrk and nginx; about three minutes
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks
 

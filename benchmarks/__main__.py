@@ -2,13 +2,14 @@
 
 The entry point: reads the options, runs the scenarios (``scenarios.py``, with the load from ``wrk.py``) and
 prints the report (``report.py``). gunicorn runs with the repository's gunicorn.conf.py, against the Clerk
-stand-in, on PostgreSQL. What it measures, how, and the targets: docs/performance.md. Targets are
-reported as PASS/MISS, not asserted. The exit status is 1 when a scenario saw an unexpected status or a
-failed request, 2 when the benchmark could not run.
+stand-in, on PostgreSQL. The scenarios: healthz, users/me, the admin list (an admin's first page of accounts),
+register. What it measures, how, and the targets: docs/performance.md. Targets are reported as PASS/MISS, not
+asserted; the admin list has none and is reported only. The exit status is 1 when a scenario saw an
+unexpected status or a failed request, 2 when the benchmark could not run.
 
 Run it from the repository root::
 
-    .venv/bin/python -m benchmarks            # about two and a half minutes (make bench)
+    .venv/bin/python -m benchmarks            # about three minutes (make bench)
     .venv/bin/python -m benchmarks --help     # durations, connections, gunicorn workers/threads, --json
 """
 
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ratio-clients",
         type=int,
         default=16,
-        help="connections for the healthz and users/me runs and the register/healthz ratio (default 16)",
+        help="connections for the healthz, users/me and admin list runs and the register/healthz ratio"
+        " (default 16)",
     )
     parser.add_argument(
         "--slow-clients",

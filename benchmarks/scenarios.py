@@ -7,11 +7,13 @@ WEB_CONCURRENCY/GUNICORN_THREADS) on a free loopback port: "direct" loads gunico
 keep-alive connections; "nginx" puts nginx in front (a plain-HTTP copy of the deploy/ site's upstream and
 ``location /``) and runs the app with IRIS_PROXY_HOPS=1, as behind the real proxy. A fresh gunicorn per route,
 so each starts with cold JWKS caches. For each it warms up and runs the scenarios in order: healthz,
-authenticated users/me, register with one connection and with each slow connection count at Clerk latency 0,
-then register at a Clerk latency of 200 ms (a stand-in fault) for each slow connection count. The stand-in's
-stats are reset before each scenario and read after it. Across each measuring window it samples the CPU used
-by each component and by each gunicorn worker (Linux ``/proc``), and the app's database connections in use. At
-the end it stops every server and drops the database, also on failure. The load itself comes from ``wrk.py``.
+authenticated users/me, the admin list (``GET /api/v1/users``: a full first page of 50 accounts, as an account
+the benchmark promotes to admin in its database), register with one connection and with each slow connection
+count at Clerk latency 0, then register at a Clerk latency of 200 ms (a stand-in fault) for each slow
+connection count. The stand-in's stats are reset before each scenario and read after it. Across each measuring
+window it samples the CPU used by each component and by each gunicorn worker (Linux ``/proc``), and the app's
+database connections in use. At the end it stops every server and drops the database, also on failure. The
+load itself comes from ``wrk.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ UNREACHABLE_LIMIT = "1000000 per minute"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 TOKEN_LIFETIME = 600  # seconds: minted session tokens must outlive the whole run (Clerk's default is 60)
 JWKS_ROUTE = "GET /v1/jwks"
+ADMIN_LIST_PATH = "/api/v1/users"
+LIST_PAGE = 50  # the admin listing's default page size (iris.accounts.DEFAULT_LIMIT)
 
 
 # --------------------------------------------------------------------------- processes and database
@@ -135,6 +139,31 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
 
 def database_url(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def migrate_database(env: dict[str, str]) -> None:
+    """``flask db upgrade`` on the database of ``env``'s DATABASE_URL."""
+    migrate = subprocess.run(
+        [str(BIN / "flask"), "db", "upgrade"], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    if migrate.returncode != 0:
+        raise BenchmarkError("flask db upgrade failed:\n" + migrate.stderr.decode(errors="replace"))
+
+
+def start_standin(port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """The Clerk stand-in on ``port``, once it answers its health check."""
+    command = [sys.executable, "-m", "clerk_standin", "--quiet", "--host", HOST, "--port", str(port)]
+    standin = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wait_for(f"http://{HOST}:{port}/__standin/health", standin, log, "the Clerk stand-in", 20)
+    return standin
+
+
+def start_smtp_sink(port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """An SMTP server on ``port`` that accepts and discards every mail, once it listens."""
+    command = [sys.executable, "-m", "aiosmtpd", "-n", "-c", "aiosmtpd.handlers.Sink", "-l", HOST_SMTP % port]
+    smtp = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wait_for_port(port, smtp, log, "the SMTP sink", 20)
+    return smtp
 
 
 def app_environment(standin_url: str, db_url: str, smtp_port: int = 1) -> dict[str, str]:
@@ -437,17 +466,19 @@ class Scenario:
 REGISTRATION = json.dumps({"email": f"bench-{UNIQUE}@iris-bench.example.com", "password": PASSWORD})
 
 
-def session_tokens(register_url: str, standin_url: str, count: int) -> list[str]:
-    """Register one user through the app, then mint ``count`` Clerk session tokens for it, one session each,
-    through the stand-in's Backend API (as ``flask iris token`` does), valid for ``TOKEN_LIFETIME`` s."""
-    email = f"bench-me-{uuid.uuid4().hex}@iris-bench.example.com"
+def register_account(register_url: str, what: str) -> str:
+    """Register one user through the app, with a fresh email ``bench-<what>-...``; its Clerk user id."""
+    email = f"bench-{what}-{uuid.uuid4().hex}@iris-bench.example.com"
+    answer = requests.post(register_url, json={"email": email, "password": PASSWORD}, timeout=REQUEST_TIMEOUT)
+    if answer.status_code != 201:
+        raise BenchmarkError(f"registering a bench-{what} user answered {answer.status_code}: {answer.text}")
+    return answer.json()["clerk_user_id"]
+
+
+def mint_tokens(standin_url: str, clerk_user_id: str, count: int) -> list[str]:
+    """``count`` Clerk session tokens for the user, one session each, minted through the stand-in's Backend
+    API (as ``flask iris token`` does), valid for ``TOKEN_LIFETIME`` s. The app verifies none of them."""
     with requests.Session() as http:
-        answer = http.post(register_url, json={"email": email, "password": PASSWORD}, timeout=REQUEST_TIMEOUT)
-        if answer.status_code != 201:
-            raise BenchmarkError(
-                f"registering the users/me user answered {answer.status_code}: {answer.text}"
-            )
-        clerk_user_id = answer.json()["clerk_user_id"]
         http.headers["Authorization"] = f"Bearer {STANDIN_SECRET_KEY}"
         tokens = []
         for _ in range(count):
@@ -467,11 +498,60 @@ def session_tokens(register_url: str, standin_url: str, count: int) -> list[str]
     return tokens
 
 
+def session_tokens(register_url: str, standin_url: str, count: int) -> list[str]:
+    """Register one user through the app, then mint ``count`` session tokens for it."""
+    return mint_tokens(standin_url, register_account(register_url, "me"), count)
+
+
+def promote(db_url: str, clerk_user_id: str) -> None:
+    """Make the live account with ``clerk_user_id`` an admin: role 'admin', what ``flask iris promote``
+    changes in the row (``updated_at`` moves by the table's trigger). The admin listing asks nothing else of
+    the caller (``iris.auth.is_admin``: the role; no confirmed address).
+
+    Written directly, not through ``flask iris promote``: the command promotes only an account whose owner
+    confirmed the email address, and the benchmark's accounts are unconfirmed (email verification is on; the
+    mail goes to a sink). The ``promoted`` audit event the command also records is left out: nothing measured
+    reads the audit trail, and the database is thrown away."""
+    with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
+        changed = conn.execute(
+            "UPDATE users SET role = 'admin' WHERE clerk_user_id = %s AND deleted_at IS NULL",
+            (clerk_user_id,),
+        ).rowcount
+    if changed != 1:
+        raise BenchmarkError(f"promoting {clerk_user_id} changed {changed} rows, not 1")
+
+
+def listed_accounts(db_url: str) -> int:
+    """How many accounts the admin listing shows (complete and live; ``iris.accounts.list_accounts``)."""
+    with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM users WHERE clerk_user_id IS NOT NULL AND deleted_at IS NULL"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def admin_tokens(register_url: str, standin_url: str, db_url: str, count: int) -> tuple[list[str], int]:
+    """Register one more user through the app, promote it in the database, and mint ``count`` session tokens
+    for it. Registers more users if needed so the listing's first page is full (the warm-up's registrations
+    normally fill it many times over). Returns the tokens and the number of accounts listed."""
+    clerk_user_id = register_account(register_url, "admin")
+    promote(db_url, clerk_user_id)
+    for _ in range(LIST_PAGE - listed_accounts(db_url)):
+        register_account(register_url, "fill")
+    return mint_tokens(standin_url, clerk_user_id, count), listed_accounts(db_url)
+
+
+def bearer(tokens: list[str]) -> list[dict[str, str]]:
+    """Header sets for ``Target.headers``: one ``Authorization: Bearer`` per token, taken in turn."""
+    return [{"Authorization": f"Bearer {token}"} for token in tokens]
+
+
 def measure(
     args: argparse.Namespace,
     route: str,
     app_url: str,
     standin_url: str,
+    db_url: str,
     control: StandinControl,
     probe: CpuProbe,
 ) -> list[Scenario]:
@@ -492,12 +572,11 @@ def measure(
     # Session tokens for the users/me requests, taken in turn. They are JWTs: the stand-in's reset before each
     # scenario (which forgets its users and sessions but keeps its signing key) does not invalidate them.
     tokens = session_tokens(register_url, standin_url, args.ratio_clients)
-    users_me = Target(
-        "GET",
-        app_url + "/api/v1/users/me",
-        200,
-        headers=[{"Authorization": f"Bearer {token}"} for token in tokens],
-    )
+    users_me = Target("GET", app_url + "/api/v1/users/me", 200, headers=bearer(tokens))
+    # The same for an admin, for the admin list. Minted, not verified: users/me's JWKS count stays cold.
+    tokens, listed = admin_tokens(register_url, standin_url, db_url, args.ratio_clients)
+    admin_list = Target("GET", app_url + ADMIN_LIST_PATH, 200, headers=bearer(tokens))
+    print(f"[{route}] admin list: {listed} accounts listed, pages of {LIST_PAGE}", flush=True)
 
     def scenario(name: str, path: str, expected: int, clients: int, duration: float, latency: int = 0):
         return Scenario(name, path, expected, clients, duration, latency, route)
@@ -507,6 +586,9 @@ def measure(
         scenario("healthz", "/healthz", 200, args.ratio_clients, args.duration),
         # Right after healthz, with the same connections and duration: the two are divided.
         scenario("users/me, Bearer", "/api/v1/users/me", 200, args.ratio_clients, args.duration),
+        # After users/me (so no token is verified before it), the same connections and duration: the first
+        # page of the admin listing, a full one. Reported with its ratios to healthz; no target.
+        scenario("admin list, Bearer", ADMIN_LIST_PATH, 200, args.ratio_clients, args.duration),
         # One connection, no contention: the time a registration takes end to end (a diagnostic, no target).
         scenario("register, Clerk 0 ms", register_path, 201, 1, min(args.duration, 3)),
         *(
@@ -521,7 +603,12 @@ def measure(
             for lat in [CLERK_LATENCY_MS]
         ),
     ]
-    targets = {"/healthz": healthz, "/api/v1/users/me": users_me, register_path: register}
+    targets = {
+        "/healthz": healthz,
+        "/api/v1/users/me": users_me,
+        ADMIN_LIST_PATH: admin_list,
+        register_path: register,
+    }
     for item in plan:
         print(
             f"[{route}] {item.name}, {item.clients} connections: {args.ramp:g} s + {item.duration:g} s",
@@ -651,8 +738,8 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Scenario], list[str]]:
     ):
         try:
             standin_port, smtp_port = free_port(), free_port()
-            standin_url = f"http://{HOST}:{standin_port}"
-            env = app_environment(standin_url, database_url(args.pg_url, db_name), smtp_port)
+            standin_url, db_url = f"http://{HOST}:{standin_port}", database_url(args.pg_url, db_name)
+            env = app_environment(standin_url, db_url, smtp_port)
             env["IRIS_EMAIL_VERIFICATION"] = args.email_verification
             if args.workers is not None:
                 env["WEB_CONCURRENCY"] = str(args.workers)
@@ -660,44 +747,9 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Scenario], list[str]]:
                 env["GUNICORN_THREADS"] = str(args.threads)
             args.workers, args.threads = gunicorn_settings(env)
             print(f"database {db_name}: migrating", flush=True)
-            migrate = subprocess.run(
-                [str(BIN / "flask"), "db", "upgrade"], cwd=ROOT, env=env, capture_output=True, timeout=60
-            )
-            if migrate.returncode != 0:
-                raise BenchmarkError("flask db upgrade failed:\n" + migrate.stderr.decode(errors="replace"))
-
-            standin = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "clerk_standin",
-                    "--quiet",
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(standin_port),
-                ],
-                cwd=ROOT,
-                stdout=standin_log,
-                stderr=subprocess.STDOUT,
-            )
-            wait_for(standin_url + "/__standin/health", standin, standin_log, "the Clerk stand-in", 20)
-            smtp = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "aiosmtpd",
-                    "-n",
-                    "-c",
-                    "aiosmtpd.handlers.Sink",
-                    "-l",
-                    HOST_SMTP % smtp_port,
-                ],
-                cwd=ROOT,
-                stdout=standin_log,
-                stderr=subprocess.STDOUT,
-            )
-            wait_for_port(smtp_port, smtp, standin_log, "the SMTP sink", 20)
+            migrate_database(env)
+            standin = start_standin(standin_port, standin_log)
+            smtp = start_smtp_sink(smtp_port, standin_log)
             control = StandinControl(standin_url)
             overrides = " ".join(
                 f"{name}={env[name]}" for name in ("WEB_CONCURRENCY", "GUNICORN_THREADS") if name in env
@@ -725,7 +777,7 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Scenario], list[str]]:
                         url = f"http://{HOST}:{nginx_port}"
                         args.nginx_config = (directory / "nginx.conf").read_text()
                     probe = CpuProbe(gunicorn_pid, standin.pid, args.pg_url, db_name, app_port, nginx_pid)
-                    scenarios += measure(args, route, url, standin_url, control, probe)
+                    scenarios += measure(args, route, url, standin_url, db_url, control, probe)
                     stack.close()
                     logged += [f"[{route}] {line}" for line in notable_lines(gunicorn_log)]
         finally:
