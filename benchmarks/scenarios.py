@@ -176,8 +176,8 @@ def app_environment(standin_url: str, db_url: str, smtp_port: int = 1) -> dict[s
         DATABASE_URL=db_url,
         FLASK_SECRET_KEY="bench",  # noqa: S106 (a throwaway key for a throwaway server)
         FLASK_SKIP_DOTENV="1",  # a developer's .env must not change what is measured
-        # Email verification is on, as in production: each registration queues a mail and sends it over SMTP
-        # inside the request, here to a local sink (aiosmtpd) on ``smtp_port``.
+        # Email verification is on, as in production: each registration queues a mail, which the worker's
+        # courier thread sends over SMTP after the request, here to a local sink (aiosmtpd) on ``smtp_port``.
         IRIS_PUBLIC_URL="https://accounts.example.com",
         MAIL_SERVER=HOST,
         MAIL_PORT=str(smtp_port),

@@ -1,16 +1,28 @@
-"""Iris's own mail: the outbox, building a message, and sending it over SMTP.
+"""Iris's own mail: the outbox, building a message, and sending it over SMTP from a background courier.
 
 Guarantees:
 - **Not lost.** A mail is due once its ``mail_outbox`` row is committed, in the same transaction as what makes
-  it due (a completed registration, a request for a new link). It is sent after that commit; one that could
-  not be sent stays unsent, and ``flask iris reconcile`` (``send_unsent``) tries it again, at most
-  ``MAX_ATTEMPTS`` times in all.
+  it due (a completed registration, a request for a new link). Only after that commit is its id handed to the
+  courier (``send_later``), which sends it from a background thread of the same process, so the request that
+  made it due never waits for SMTP. A mail that could not be sent, or that was still queued when its process
+  died, stays unsent, and ``flask iris reconcile`` (``send_unsent``, which sends synchronously) tries it
+  again, at most ``MAX_ATTEMPTS`` times in all.
 - **At most one sender at a time.** A sender claims a row by raising ``attempts`` with a conditional UPDATE,
   so two senders never both send the same attempt. A process that dies between sending and recording
-  ``sent_at`` may cause one repeat: a mail can arrive twice, never zero times while attempts remain.
+  ``sent_at`` may cause one repeat, and so may a server that drops a reused connection after taking a mail but
+  before answering (the courier tries that mail once more on a fresh connection): a mail can arrive twice,
+  never zero times while attempts remain.
 - **Nothing secret stored or logged.** An outbox row holds who and what (user, kind, address), never a link,
   token or password. The link is made when the mail is built; only the kind, the row id and an error's type
   are logged. ``last_error`` holds an error type or SMTP code, never a message body.
+
+The courier: one per app per process, made on first use in that process, so a gunicorn worker makes its
+own and the master, which sends nothing, never starts a thread. Its daemon thread sends the mails in the
+order they were handed over. While more are waiting they form one batch: one app context (its session
+removed at the end) and one SMTP connection, closed once none are waiting; a reused connection the server
+has dropped meanwhile is replaced once by a fresh one. The thread ends after ``COURIER_IDLE_SECONDS``
+without mail, and the next mail starts another. At exit a process waits up to ``DRAIN_SECONDS`` for its
+couriers; whatever is left waits for reconcile. ``wait_until_idle`` says when all handed over is done.
 
 Transport: SMTP from MAIL_SERVER, MAIL_PORT, MAIL_USERNAME, MAIL_PASSWORD, MAIL_USE_TLS (STARTTLS),
 MAIL_USE_SSL (implicit TLS) and MAIL_DEFAULT_SENDER, with the standard library (``smtplib``,
@@ -20,20 +32,26 @@ it while verification is on) the mail is printed to the console, link included.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import os
 import smtplib
 import ssl
 import sys
+import threading
+import time
 import uuid
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.utils import formatdate
+from queue import Empty, SimpleQueue
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from flask import current_app
+from flask import Flask, current_app
 
 from iris.errors import DATABASE_UNREACHABLE, database_failure
 from iris.extensions import db
@@ -43,29 +61,60 @@ log = logging.getLogger(__name__)
 
 # Builds the mail of a kind for an account, or None when it is no longer needed (iris.verification.compose).
 Composer = Callable[[User, str], EmailMessage | None]
+# Hands one built mail to the server (or the console), raising OSError or smtplib.SMTPException: ``deliver``.
+Transport = Callable[[EmailMessage], None]
 
 # How many times one outbox row is tried before it is given up (its last_error says why).
 MAX_ATTEMPTS = 5
-# Seconds for the SMTP connect and for each read or write after it. A mail is sent inside the request that
-# made it due, so a slow or unreachable server must fail quickly; the mail then stays in the outbox.
+# Seconds for the SMTP connect and for each read or write after it. No request waits for it any more (the
+# courier sends after the request), but a slow or unreachable server still holds up the mails queued behind
+# the one it is sending, the exit drain and reconcile, so it fails quickly; the mail then stays in the outbox.
 SMTP_TIMEOUT_SECONDS = 3
+# Where an app keeps its courier (see the module docstring).
+COURIER = "iris.mail_courier"
+# Seconds the courier's thread waits for another mail before it ends, so an app that sent a few mails (a test,
+# a CLI command) keeps no thread; under steady traffic it stays, and the next mail after a quiet spell starts
+# a new one (~0.1 ms).
+COURIER_IDLE_SECONDS = 10
+# Seconds a process waits at exit, in all, for its couriers to send what they hold: a gunicorn worker stopped
+# by a deploy or recycled by max_requests. gunicorn gives a stopping worker longer (graceful_timeout, 100 s,
+# and its 30 s heartbeat timeout), so the wait never gets it killed; what is left waits for reconcile.
+DRAIN_SECONDS = 5
 
 
 def queue(user: User, kind: str) -> uuid.UUID:
-    """Add a ``kind`` mail to ``user`` to the session's transaction; the caller commits, then calls
-    ``send`` with the returned id."""
+    """Add a ``kind`` mail to ``user`` to the session's transaction; the caller commits, then hands the
+    returned id to ``send_later`` (or ``send``)."""
     outbox_id = uuid.uuid4()
     db.session.add(MailOutbox(id=outbox_id, user_id=user.id, kind=kind, to_address=user.email, attempts=0))
     return outbox_id
 
 
-def send(outbox_id: uuid.UUID, compose: Composer) -> bool:
-    """Claim and send one due mail; True when it went out. Never raises: a failure is recorded on the row
-    (``last_error``), logged without the mail's content, and left for ``reconcile``.
+def send_later(outbox_id: uuid.UUID, compose: Composer) -> None:
+    """Hand the committed outbox row ``outbox_id`` to the current app's courier, which sends it (``send``)
+    from its own thread once it gets to it. Returns at once, without touching SMTP or the database, and never
+    raises. Only after the commit that made the row due: a row the courier cannot see yet counts as gone."""
+    _courier(current_app._get_current_object()).put(outbox_id, compose)
+
+
+def wait_until_idle(app: Flask, timeout: float) -> bool:
+    """Wait until every mail handed to ``app``'s courier in this process has been dealt with (sent, or its
+    failure recorded for reconcile) and its SMTP connection and session are closed. True when so within
+    ``timeout`` seconds (at once when nothing was handed over here), False when mails are still queued."""
+    courier = app.extensions.get(COURIER)
+    if courier is None or courier.pid != os.getpid():
+        return True
+    return courier.wait(timeout)
+
+
+def send(outbox_id: uuid.UUID, compose: Composer, transport: Transport | None = None) -> bool:
+    """Claim and send one due mail; True when it went out. Never raises for a database or SMTP failure: it is
+    recorded on the row (``last_error``), logged without the mail's content, and left for ``reconcile``.
 
     A row already sent, out of attempts, or claimed by another sender at this moment is left alone (False).
     A mail no longer needed (its account confirmed or removed meanwhile) is closed without sending.
-    ``compose`` builds it from the account and the kind.
+    ``compose`` builds it from the account and the kind; ``transport`` hands it over (default ``deliver``, a
+    connection of its own; the courier passes its batch's connection).
     """
     try:
         row = db.session.get(MailOutbox, outbox_id)
@@ -82,6 +131,10 @@ def send(outbox_id: uuid.UUID, compose: Composer) -> bool:
             .values(attempts=MailOutbox.attempts + 1)
         ).rowcount
         user = db.session.get(User, row.user_id)  # live rows only
+        if user is not None:
+            # Detached before the commit: compose reads it without another round trip, and so never meets a
+            # database that went away after the claim.
+            db.session.expunge(user)
         kind = row.kind
         db.session.commit()
     except DATABASE_UNREACHABLE as error:
@@ -96,7 +149,7 @@ def send(outbox_id: uuid.UUID, compose: Composer) -> bool:
         log.info("mail %s (%s) not sent: no longer needed", outbox_id, kind)
         return False
     try:
-        deliver(message)
+        (transport or deliver)(message)
     except (OSError, smtplib.SMTPException) as error:
         reason = type(error).__name__
         code = getattr(error, "smtp_code", None)
@@ -158,7 +211,10 @@ def message(to: str, subject: str, text: str, html: str) -> EmailMessage:
     mail["From"] = sender()
     mail["To"] = to
     mail["Subject"] = subject
-    mail["Message-ID"] = make_msgid(domain=_public_host())
+    # Not email.utils.make_msgid: it draws from the global random module, which the courier thread must leave
+    # alone (Hypothesis tests fail when it changes while they draw an example). uuid4 reads os.urandom.
+    mail["Message-ID"] = f"<{uuid.uuid4().hex}@{_public_host()}>"
+    mail["Date"] = formatdate(usegmt=True)  # RFC 5322 requires it; filters score a mail without one
     mail.set_content(text)
     mail.add_alternative(html, subtype="html")
     return mail
@@ -170,33 +226,190 @@ def sender() -> str:
 
 
 def deliver(mail: EmailMessage) -> None:
-    """Hand ``mail`` to MAIL_SERVER, or print it to the console without one. Raises ``OSError`` or
-    ``smtplib.SMTPException`` when the server cannot be reached or refuses it."""
-    config = current_app.config
-    server = config.get("MAIL_SERVER")
-    if not server:
+    """Hand ``mail`` to MAIL_SERVER over a connection of its own, or print it to the console without one.
+    Raises ``OSError`` or ``smtplib.SMTPException`` when the server cannot be reached or refuses it."""
+    if not current_app.config.get("MAIL_SERVER"):
         body = mail.get_body(preferencelist=("plain",))
         text = body.get_content() if body is not None else ""
+        # The process's own stdout: the courier prints from its thread, and sys.stdout may be redirected
+        # meanwhile by foreground code (a CLI command capturing its output) that this mail is no part of.
         print(
             "\n--- mail (no MAIL_SERVER: printed, not sent)\n"
             f"To: {mail['To']}\nSubject: {mail['Subject']}\n\n{text}--- end of mail\n",
-            file=sys.stdout,
+            file=sys.__stdout__,
             flush=True,
         )
         return
-    port = config["MAIL_PORT"]
+    with _connect() as smtp:
+        smtp.send_message(mail)
+
+
+def _connect() -> smtplib.SMTP:
+    """A connection to MAIL_SERVER, with STARTTLS and login done as configured. Raises ``OSError`` or
+    ``smtplib.SMTPException`` (the socket closed)."""
+    config = current_app.config
+    server, port = config["MAIL_SERVER"], config["MAIL_PORT"]
     if config.get("MAIL_USE_SSL"):
         smtp: smtplib.SMTP = smtplib.SMTP_SSL(
             server, port, timeout=SMTP_TIMEOUT_SECONDS, context=_tls_context()
         )
     else:
         smtp = smtplib.SMTP(server, port, timeout=SMTP_TIMEOUT_SECONDS)
-    with smtp:
+    try:
         if config.get("MAIL_USE_TLS") and not config.get("MAIL_USE_SSL"):
             smtp.starttls(context=_tls_context())
         if config.get("MAIL_USERNAME"):
             smtp.login(config["MAIL_USERNAME"], config.get("MAIL_PASSWORD") or "")
-        smtp.send_message(mail)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+class _Connection:
+    """The courier's transport for one batch: an SMTP connection opened for its first mail and reused for the
+    next ones until ``close``. Without MAIL_SERVER each mail goes to the console (``deliver``)."""
+
+    def __init__(self) -> None:
+        self.smtp: smtplib.SMTP | None = None
+
+    def deliver(self, mail: EmailMessage) -> None:
+        """As ``deliver``. A failure closes the connection, so the next mail opens a fresh one; on a reused
+        connection the server dropped meanwhile (disconnected, or 421: closing) the mail is tried once more on
+        a fresh one."""
+        if not current_app.config.get("MAIL_SERVER"):
+            deliver(mail)
+            return
+        reused = self.smtp is not None
+        try:
+            if self.smtp is None:
+                self.smtp = _connect()
+            self.smtp.send_message(mail)
+        except (OSError, smtplib.SMTPException) as error:
+            self.close()
+            dropped = (
+                isinstance(error, smtplib.SMTPServerDisconnected) or getattr(error, "smtp_code", 0) == 421
+            )
+            if not (reused and dropped):
+                raise
+            self.deliver(mail)  # not reused now: tried once more at most
+
+    def close(self) -> None:
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (OSError, smtplib.SMTPException):
+            smtp.close()
+
+
+class _Courier:
+    """Sends the outbox mails of one app handed over in one process (``send_later``), from a daemon thread;
+    see the module docstring."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.pid = os.getpid()
+        self.queue: SimpleQueue[tuple[uuid.UUID, Composer]] = SimpleQueue()
+        self.idle = threading.Condition()  # guards unfinished and thread
+        self.unfinished = 0  # handed over and not dealt with yet
+        self.thread: threading.Thread | None = None
+
+    def put(self, outbox_id: uuid.UUID, compose: Composer) -> None:
+        with self.idle:
+            self.unfinished += 1
+            self.queue.put((outbox_id, compose))
+            if self.thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name="iris-mail-courier", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as error:
+                # No thread now (the interpreter exiting, a thread limit): the next put starts one.
+                log.warning(
+                    "mail %s: courier not started (%s); left for reconcile", outbox_id, type(error).__name__
+                )
+                return
+            self.thread = thread
+
+    def wait(self, timeout: float) -> bool:
+        with self.idle:
+            return self.idle.wait_for(lambda: self.unfinished == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self.queue.get(timeout=COURIER_IDLE_SECONDS)]
+            except Empty:
+                with self.idle:  # put() starts a new thread only once this one is gone
+                    if self.queue.empty():
+                        self.thread = None
+                        return
+                continue
+            try:
+                self._send(batch)
+            except Exception as error:
+                # The thread outlives anything; what it did not send stays queued or waits for reconcile.
+                log.error("mail courier: %s during a batch of %d", type(error).__name__, len(batch))
+            finally:
+                with self.idle:
+                    self.unfinished -= len(batch)
+                    self.idle.notify_all()
+
+    def _send(self, batch: list[tuple[uuid.UUID, Composer]]) -> None:
+        """Send ``batch``'s mail and every one queued meanwhile, appending each to ``batch`` as it is taken,
+        over one connection, in one app context (its session is removed when the context ends)."""
+        connection = _Connection()
+        with self.app.app_context():
+            try:
+                while True:
+                    outbox_id, compose = batch[-1]
+                    try:
+                        send(outbox_id, compose, connection.deliver)
+                    except Exception as error:
+                        # A bug or an unexpected database error: the id and the type only, as send logs.
+                        db.session.rollback()
+                        log.error(
+                            "mail %s: %s in the courier; left for reconcile", outbox_id, type(error).__name__
+                        )
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except Empty:
+                        return
+            finally:
+                connection.close()
+
+
+_couriers: weakref.WeakSet[_Courier] = weakref.WeakSet()
+_couriers_lock = threading.Lock()
+_drain_pid: int | None = None  # the process whose atexit has _drain
+
+
+def _courier(app: Flask) -> _Courier:
+    """``app``'s courier in this process, made on first use here (a forked process makes its own), with the
+    exit drain registered once per process."""
+    global _drain_pid
+    courier = app.extensions.get(COURIER)
+    if courier is not None and courier.pid == os.getpid():
+        return courier
+    with _couriers_lock:
+        courier = app.extensions.get(COURIER)
+        if courier is None or courier.pid != os.getpid():
+            courier = app.extensions[COURIER] = _Courier(app)
+            _couriers.add(courier)
+            if _drain_pid != os.getpid():
+                atexit.register(_drain)  # atexit runs before daemon threads are stopped
+                _drain_pid = os.getpid()
+        return courier
+
+
+def _drain() -> None:
+    """At exit: wait up to ``DRAIN_SECONDS`` in all for this process's couriers to finish."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for courier in list(_couriers):
+        if courier.pid == os.getpid() and not courier.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("mail courier: %d mails left at exit for reconcile", courier.unfinished)
 
 
 @functools.cache

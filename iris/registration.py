@@ -145,8 +145,8 @@ def _register(email: object, password: object, role: object) -> User:
         _undo(lease, [clerk_user_id])
         raise
     if outbox_id is not None:
-        # After the commit: if sending fails, the outbox row waits for reconcile.
-        mail.send(outbox_id, verification.compose)
+        # After the commit: the courier sends it after this request; one it cannot send waits for reconcile.
+        mail.send_later(outbox_id, verification.compose)
     return user
 
 

@@ -146,10 +146,10 @@ def remove_account(user: User, *, reason: str) -> None:
 
 
 def request_mail(email: object, kind: str = VERIFY) -> None:
-    """Queue and send a fresh link to the live, complete, unconfirmed account with ``email``, unless one was
-    queued for the address within ``RESEND_INTERVAL``. Does nothing for any other address, and never says
-    which case it was. Never raises for a database or mail failure (logged; a queued mail waits for
-    reconcile)."""
+    """Queue a fresh link to the live, complete, unconfirmed account with ``email``, unless one was queued for
+    the address within ``RESEND_INTERVAL``, and hand it to the courier, which sends it after this request
+    (``mail.send_later``). Does nothing for any other address, and never says which case it was. Never raises
+    for a database or mail failure (logged; a queued mail waits for reconcile)."""
     if not required() or not isinstance(email, str) or not email.strip():
         return
     try:
@@ -174,7 +174,7 @@ def request_mail(email: object, kind: str = VERIFY) -> None:
         db.session.rollback()
         log.warning("verification mail not queued: database %s", database_failure(error))
         return
-    mail.send(outbox_id, compose)
+    mail.send_later(outbox_id, compose)
 
 
 def compose(user: User, kind: str) -> EmailMessage | None:

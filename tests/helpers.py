@@ -8,6 +8,8 @@ Test modules import from here, never from each other or from conftest.py (tests/
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import json
 import os
 import secrets
@@ -26,7 +28,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, StandinServer
-from iris import create_app
+from iris import create_app, mail
 from iris.config import database_uri
 from iris.extensions import db
 
@@ -95,7 +97,9 @@ def migrate(app: Flask) -> None:
 
 
 def dispose(app: Flask) -> None:
-    """Close ``app``'s database connections, so its schema or database can be dropped."""
+    """Close ``app``'s database connections, so its schema or database can be dropped; first let its mail
+    courier finish, so no mail is sent (nor a connection opened) after the test."""
+    mail.wait_until_idle(app, 10)
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
@@ -311,32 +315,73 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
 # ---- mail
 
 
+class Mailbox:
+    """What a test SMTP server (``smtp_server``) received: ``messages`` (``email.message.EmailMessage``),
+    ``raw`` (each message's bytes as received), ``peers`` (the client address of each message's connection:
+    one address per connection the sender opened) and ``connections`` (open now). Subclass it to change how
+    the server answers."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.messages: list[Any] = []
+        self.raw: list[bytes] = []
+        self.peers: list[Any] = []
+        self.connections = 0
+        self.port = port or free_port()
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.raw.append(envelope.original_content or envelope.content)
+        self.peers.append(session.peer)
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+    def wait_for(self, count: int, timeout: float = 5.0, to: str | None = None) -> list[Any]:
+        """The messages (those to ``to`` when given) once there are ``count`` of them: the app mails from a
+        background thread after it answered. Raises AssertionError, naming what arrived, after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            arrived = [message for message in self.messages if to is None or message["To"] == to]
+            if len(arrived) >= count:
+                return arrived
+            if time.monotonic() > deadline:
+                got = [(message["To"], message["Subject"]) for message in self.messages]
+                raise AssertionError(
+                    f"expected {count} mails{f' to {to}' if to else ''} in {timeout} s, got {got}"
+                )
+            time.sleep(0.01)
+
+
 @contextmanager
-def smtp_server(port: int | None = None) -> Iterator[Any]:
-    """A real SMTP server on ``port`` (default: a free loopback port). Yields a ``Mailbox``: ``.port``,
-    ``.messages`` and ``.raw`` (each message's bytes as received)."""
-    import email
-    import email.policy
+def smtp_server(port: int | None = None, mailbox: Mailbox | None = None) -> Iterator[Any]:
+    """A real SMTP server (aiosmtpd) on ``port`` (default: a free loopback port), or on ``mailbox``'s port.
+    Yields the ``Mailbox`` (``mailbox`` when given): ``.port``, ``.messages``, ``.raw``, ``.peers``.
 
+    It stops once its clients have hung up (5 s at most): the app's mail courier quits only after recording
+    the mail it sent, and a server stopped under an open connection leaves an unclosed transport behind."""
     from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP
 
-    class Mailbox:
-        def __init__(self) -> None:
-            self.messages: list[Any] = []
-            self.raw: list[bytes] = []
-            self.port = port or free_port()
+    class CountingSMTP(SMTP):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.event_handler.connections += 1
 
-        async def handle_DATA(self, server, session, envelope) -> str:
-            self.raw.append(envelope.original_content or envelope.content)
-            self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
-            return "250 OK"
+        def connection_lost(self, error) -> None:
+            super().connection_lost(error)
+            self.event_handler.connections -= 1
 
-    mailbox = Mailbox()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=mailbox.port)
+    class CountingController(Controller):
+        def factory(self) -> SMTP:
+            return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+    mailbox = mailbox or Mailbox(port)
+    controller = CountingController(mailbox, hostname="127.0.0.1", port=mailbox.port)
     controller.start()
     try:
         yield mailbox
     finally:
+        deadline = time.monotonic() + 5
+        while mailbox.connections > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         controller.stop()
 
 

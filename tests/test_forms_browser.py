@@ -78,8 +78,8 @@ def registered_in_the_browser(web: MailingSite) -> tuple[str, str]:
         assert posted.value.status == 303, page.content()
     finally:
         context.close()
-    # The stack sends the mail after the commit and before it answers: it has arrived by now.
-    [message] = [message for message in web.mailbox.messages if message["To"] == email]
+    # The stack's mail courier sends the mail after it answered.
+    [message] = web.mailbox.wait_for(1, to=email)
     return email, link_in(message)
 
 

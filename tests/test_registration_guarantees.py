@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from werkzeug.serving import make_server
 
-from iris import registration
+from iris import mail, registration
 from iris.extensions import db
 from tests.helpers import (
     FAILING_TRIGGER,
@@ -260,6 +260,7 @@ def test_no_database_connection_is_held_while_clerk_is_called(app, standin):
         samples.append(engine.pool.checkedout())
         time.sleep(0.01)
     worker.join()
+    assert mail.wait_until_idle(app, 5)  # its mail's courier, after the answer, used the pool too
 
     assert outcome["status"] == 201
     assert len(samples) >= 20  # the samples really covered the Clerk call

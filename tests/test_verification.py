@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import uuid
+from datetime import UTC, datetime
 from types import MappingProxyType
 
 import pytest
 import requests
 import sqlalchemy as sa
 
+from iris import mail
 from iris.extensions import db
 from tests.helpers import (
     BAPI_HEADERS,
@@ -55,8 +58,11 @@ def test_registration_mails_a_link_whose_visit_changes_nothing_and_whose_button_
     assert response.status_code == 201
     assert response.json["email_verified"] is False
     assert clerk_verification(standin) == "unverified"
-    [message] = smtp.messages
+    [message] = smtp.wait_for(1)
     assert message["To"] == EMAIL
+    assert message["From"] and message["Subject"] and message["Message-ID"]
+    sent = email.utils.parsedate_to_datetime(message["Date"])
+    assert abs((datetime.now(UTC) - sent).total_seconds()) < 60
     assert message.get_body(preferencelist=("html",)) is not None
     assert PASSWORD not in message.as_string()
     path = link_in(message)
@@ -74,6 +80,7 @@ def test_registration_mails_a_link_whose_visit_changes_nothing_and_whose_button_
     token = path.rsplit("/", 1)[1]
     assert token not in caplog.text
     assert "/verify-email/<token>" in caplog.text
+    assert mail.wait_until_idle(app, 5)
     with app.app_context():
         outbox = db.session.execute(sa.text("SELECT * FROM mail_outbox")).mappings().one()
     assert outbox["sent_at"] is not None and token not in str(dict(outbox))
@@ -83,7 +90,7 @@ def test_i_did_not_sign_up_removes_the_account_and_frees_the_email(make_app, smt
     app = mailing_app(make_app, smtp)
     client = app.test_client()
     assert client.post(URL, json={"email": EMAIL, "password": PASSWORD}).status_code == 201
-    path = link_in(smtp.messages[0])
+    path = link_in(smtp.wait_for(1)[0])
     assert client.post(path, data={"remove": "1"}).status_code == 200
     assert clerk_users(standin) == []
     assert [row.deleted_at is not None for row in rows(app)] == [True]
@@ -95,7 +102,7 @@ def test_a_tampered_link_changes_nothing_and_offers_a_new_mail(make_app, smtp, s
     app = mailing_app(make_app, smtp)
     client = app.test_client()
     assert client.post(URL, json={"email": EMAIL, "password": PASSWORD}).status_code == 201
-    path = link_in(smtp.messages[0])
+    path = link_in(smtp.wait_for(1)[0])
     page = client.post(path[:-2] + "xx", data={"remove": "1"})
     assert page.status_code == 404
     assert "Send me a new link" in page.get_data(as_text=True)
@@ -108,6 +115,7 @@ def test_a_refused_unverify_undoes_the_registration(make_app, smtp, standin):
     response = app.test_client().post(URL, json={"email": EMAIL, "password": PASSWORD})
     assert response.status_code in (502, 503), response.get_data(as_text=True)
     assert_nothing_left(app, standin)
+    assert mail.wait_until_idle(app, 5)
     assert smtp.messages == []
 
 
@@ -119,6 +127,8 @@ def test_resend_answers_the_same_and_mails_once_per_interval(make_app, smtp, sta
     unknown = client.post("/api/v1/auth/verification-email", json={"email": "nobody@bistro.example"})
     assert asked.status_code == unknown.status_code == 202
     assert asked.json == unknown.json
+    smtp.wait_for(1)
+    assert mail.wait_until_idle(app, 5)
     assert len(smtp.messages) == 1  # the registration's mail was within the interval
 
 
@@ -139,6 +149,7 @@ def test_with_verification_off_accounts_are_confirmed_and_no_mail_is_sent(make_a
     app = mailing_app(make_app, smtp, IRIS_EMAIL_VERIFICATION="off")
     response = app.test_client().post(URL, json={"email": EMAIL, "password": PASSWORD})
     assert response.json["email_verified"] is True
+    assert mail.wait_until_idle(app, 5)
     assert smtp.messages == []
     assert clerk_verification(standin) == "verified"
 
@@ -153,7 +164,7 @@ def registered_link(app, smtp, email=EMAIL, password=PASSWORD) -> str:
     before = len(smtp.messages)
     response = app.test_client().post(URL, json={"email": email, "password": password})
     assert response.status_code == 201, response.get_data(as_text=True)
-    [message] = smtp.messages[before:]
+    [message] = smtp.wait_for(before + 1)[before:]
     assert message["To"] == email
     return link_in(message)
 
@@ -291,6 +302,7 @@ def test_a_mail_the_server_refused_waits_in_the_outbox_and_reconcile_sends_it_la
     client = app.test_client()
     response = client.post(URL, json={"email": EMAIL, "password": PASSWORD})
     assert response.status_code == 201, response.get_data(as_text=True)
+    assert mail.wait_until_idle(app, 5)  # the courier tried, after the answer
     [row] = outbox(app)
     assert row["sent_at"] is None and row["attempts"] == 1 and row["last_error"]
 
@@ -336,6 +348,8 @@ def test_the_password_is_in_no_mail_outbox_row_or_log_record_and_the_token_in_no
     assert client.post("/verify-email", data={"email": EMAIL}).status_code == 200  # mail 3: the page
     backdate_outbox(app)
     assert_error(client.post(URL, json={"email": EMAIL, "password": password}), 409, "email_taken")  # mail 4
+    smtp.wait_for(4)
+    assert mail.wait_until_idle(app, 5)  # its log records too
     assert len(smtp.raw) == len(smtp.messages) == 4  # every path really mailed
 
     tokens = [link_in(message).rsplit("/", 1)[1] for message in smtp.messages]
@@ -407,4 +421,6 @@ def test_the_new_link_answer_is_the_same_for_unknown_confirmed_and_unconfirmed_a
     bodies = {response.get_data() for response in answers.values()}
     assert len(bodies) == 1, bodies
     assert len({tuple(sorted(set(r.headers.keys()))) for r in answers.values()}) == 1
+    smtp.wait_for(before + 1)
+    assert mail.wait_until_idle(app, 5)
     assert [message["To"] for message in smtp.messages[before:]] == [unconfirmed]  # the cases did differ
