@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from flask import Flask, current_app
 
+from iris import metrics
 from iris.errors import DATABASE_UNREACHABLE, database_failure
 from iris.extensions import db
 from iris.models import MailOutbox, User
@@ -146,6 +147,7 @@ def send(outbox_id: uuid.UUID, compose: Composer, transport: Transport | None = 
     message = compose(user, kind) if user is not None else None
     if message is None:
         _record(outbox_id, attempts=MAX_ATTEMPTS, last_error="not needed: account confirmed or removed")
+        metrics.mail_sent("not_needed")
         log.info("mail %s (%s) not sent: no longer needed", outbox_id, kind)
         return False
     try:
@@ -156,9 +158,11 @@ def send(outbox_id: uuid.UUID, compose: Composer, transport: Transport | None = 
         if code is not None:
             reason += f" {code}"
         _record(outbox_id, last_error=reason)
+        metrics.mail_sent("failed")
         log.warning("mail %s (%s) not sent: %s; left for reconcile", outbox_id, kind, reason)
         return False
     _record(outbox_id, sent_at=datetime.now(UTC), last_error=None)
+    metrics.mail_sent("sent")
     log.info("mail %s (%s) sent", outbox_id, kind)
     return True
 
@@ -320,6 +324,7 @@ class _Courier:
         with self.idle:
             self.unfinished += 1
             self.queue.put((outbox_id, compose))
+            metrics.mail_queued(1)
             if self.thread is not None:
                 return
             thread = threading.Thread(target=self._run, name="iris-mail-courier", daemon=True)
@@ -355,6 +360,7 @@ class _Courier:
             finally:
                 with self.idle:
                     self.unfinished -= len(batch)
+                    metrics.mail_queued(-len(batch))
                     self.idle.notify_all()
 
     def _send(self, batch: list[tuple[uuid.UUID, Composer]]) -> None:

@@ -17,11 +17,15 @@ of values, so no id, email, token or raw path ever becomes a label value:
   rule) are not errors.
 - ``iris_jwks_fetches_total`` by ``outcome`` (``ok``, ``error``): fetches of Clerk's signing keys.
 - ``iris_db_pool_checked_out_connections``: connections checked out of the app's pool right now.
+- ``iris_mails_total`` by ``outcome``: ``sent``, ``failed`` (SMTP or the network; left for reconcile),
+  ``not_needed`` (the account was confirmed or removed meanwhile); from the couriers and from reconcile.
+- ``iris_mail_queued``: mails handed to the couriers (iris.mail) and not dealt with yet. It stays near zero;
+  growing, it says the couriers are behind (they share each worker's CPU with its requests).
 
 Processes. Under gunicorn every worker counts for itself. gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR
 before any worker imports prometheus_client, which then keeps each value in a per-process file there, and a
 scrape (whichever worker answers it) adds up the files of every process, dead workers' counters included;
-the pool gauge sums live workers only. Anywhere else (``flask run``, ``make run``, the test client) there is
+the gauges sum live workers only. Anywhere else (``flask run``, ``make run``, the test client) there is
 one process, and its own registry answers.
 
 Cost per request: one counter increment and one histogram observation (``observe_request``).
@@ -87,6 +91,13 @@ POOL_CHECKED_OUT = Gauge(
     multiprocess_mode="livesum",
 )
 
+MAILS = Counter("iris_mails_total", "Mails the app tried to send, by how it ended.", ["outcome"])
+MAIL_QUEUED = Gauge(
+    "iris_mail_queued",
+    "Mails handed to the mail couriers and not sent or failed yet.",
+    multiprocess_mode="livesum",
+)
+
 
 def init_app(app: Flask) -> None:
     """Count and time every request, and follow the app's database pool. Needs ``db.init_app`` first and
@@ -128,6 +139,14 @@ def clerk_call(method: str, path: str, seconds: float, error: str | None = None)
 
 def jwks_fetch(outcome: str) -> None:
     JWKS_FETCHES.labels(outcome).inc()
+
+
+def mail_sent(outcome: str) -> None:
+    MAILS.labels(outcome).inc()
+
+
+def mail_queued(change: int) -> None:
+    MAIL_QUEUED.inc(change)
 
 
 # Marks a pool record whose checkout was counted, so each is uncounted once: a connection that could not be

@@ -16,11 +16,13 @@ counts) across a reload and removed when gunicorn stops.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import runpy
 import shutil
 import signal
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,8 +35,22 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from iris import mail
 from iris.extensions import db
-from tests.helpers import ME, PASSWORD, URL, app_with, bearer, register, session_token, wait_for
+from tests.helpers import (
+    ME,
+    PASSWORD,
+    URL,
+    Mailbox,
+    app_with,
+    bearer,
+    free_port,
+    migrate,
+    register,
+    session_token,
+    smtp_server,
+    wait_for,
+)
 from tests.servers import GUNICORN_CONF, Gunicorn, Site, app_environment, behind_nginx, migrated_schema
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -110,6 +126,53 @@ def test_registrations_are_counted_by_the_outcome_the_caller_got(client):
     create = {"method": "POST", "path": "/users"}
     assert grew(before, after, "iris_clerk_request_duration_seconds_count", create) == 1
     assert not any(name == "iris_clerk_errors_total" for name, _ in set(after) - set(before))
+
+
+class HeldMailbox(Mailbox):
+    """Answers a message only once ``release`` is set (at most 10 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_mails_are_counted_by_outcome_and_the_queue_gauge_follows_the_courier(make_app):
+    with smtp_server(mailbox=HeldMailbox()) as held:
+        app = make_app(MAIL_SERVER="127.0.0.1", MAIL_PORT=held.port)
+        migrate(app)
+        client = app.test_client()
+        before = scrape(client)
+        try:
+            assert (
+                client.post(URL, json={"email": "a@bistro.example", "password": PASSWORD}).status_code == 201
+            )
+            wait_for(lambda: held.peers or held.connections, timeout=5)  # the courier is in the SMTP exchange
+            during = scrape(client)
+        finally:
+            held.release.set()
+        held.wait_for(1)
+        assert mail.wait_until_idle(app, 5)
+        after = scrape(client)
+    assert grew(before, during, "iris_mail_queued") == 1
+    assert grew(before, after, "iris_mail_queued") == 0
+    assert grew(before, after, "iris_mails_total", {"outcome": "sent"}) == 1
+
+    unreachable = make_app(MAIL_SERVER="127.0.0.1", MAIL_PORT=free_port())  # nothing listens there
+    migrate(unreachable)
+    assert (
+        unreachable.test_client()
+        .post(URL, json={"email": "b@bistro.example", "password": PASSWORD})
+        .status_code
+        == 201
+    )
+    assert mail.wait_until_idle(unreachable, 10)
+    failed = scrape(client)
+    assert grew(after, failed, "iris_mails_total", {"outcome": "failed"}) == 1
+    assert grew(after, failed, "iris_mails_total", {"outcome": "sent"}) == 0
 
 
 def test_clerk_failures_are_counted_by_kind(client, make_app, standin):
