@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, NoReturn
 
@@ -26,6 +27,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
+from standardwebhooks.webhooks import Webhook
 
 from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, StandinServer
 from iris import create_app, mail
@@ -59,6 +61,16 @@ CREATE TRIGGER fail_completion BEFORE UPDATE OF clerk_user_id ON users
 
 # The signing secret of the tests' Clerk webhook endpoint (whsec_ and the base64 of 32 bytes).
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"iris-tests-webhook-signing-key-32").decode()
+
+
+def svix_headers(
+    body: str, *, svix_id: str, secret: str = WEBHOOK_SECRET, timestamp: int | None = None
+) -> dict:
+    """The three Svix headers for ``body``, signed with ``secret`` at ``timestamp`` (now by default). The
+    header's timestamp and the signed one are the same second, read once."""
+    moment = int(time.time()) if timestamp is None else timestamp
+    signature = Webhook(secret).sign(svix_id, datetime.fromtimestamp(moment, UTC), body)
+    return {"svix-id": svix_id, "svix-timestamp": str(moment), "svix-signature": signature}
 
 
 def make_test_app(schema: str, clerk_api_url: str, **overrides: Any) -> Flask:

@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from datetime import UTC, datetime
 
 import requests
 import sqlalchemy as sa
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from standardwebhooks.webhooks import Webhook
 
 from iris.extensions import db
-from tests.helpers import BAPI_HEADERS, WEBHOOK_SECRET, add_primary_address, bapi, create_clerk_user, register
+from tests.helpers import BAPI_HEADERS, add_primary_address, bapi, create_clerk_user, register, svix_headers
 
 HOOK = "/api/v1/webhooks/clerk"
 # Svix retries a failed delivery several times; more than enough for any order of this scenario.
@@ -81,8 +79,7 @@ def scenario(client, standin) -> list[tuple[str, dict]]:
 
 def post(client, kind: str, data: dict, svix_id: str):
     body = json.dumps({"data": data, "object": "event", "type": kind, "timestamp": int(time.time() * 1000)})
-    signature = Webhook(WEBHOOK_SECRET).sign(svix_id, datetime.now(UTC), body)
-    headers = {"svix-id": svix_id, "svix-timestamp": str(int(time.time())), "svix-signature": signature}
+    headers = svix_headers(body, svix_id=svix_id)
     return client.post(HOOK, data=body, headers={**headers, "Content-Type": "application/json"})
 
 

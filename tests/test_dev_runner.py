@@ -201,8 +201,13 @@ def test_under_make_run_the_stand_in_keeps_the_app_in_step_through_webhooks(make
     assert account() == ("walkin@bistro.example", "restaurant", 0)
     assert requests.delete(f"{bapi}/users/{clerk_user_id}", headers=key, timeout=10).status_code == 200
     wait_for(lambda: account()[2] == 1, timeout=10)
-    webhook_lines = [line for line in make_run.stderr().splitlines() if "POST /api/v1/webhooks/clerk" in line]
-    assert len(webhook_lines) == 2 and all(" 200 " in line for line in webhook_lines), webhook_lines
+
+    def webhook_lines() -> list[str]:
+        return [line for line in make_run.stderr().splitlines() if "POST /api/v1/webhooks/clerk" in line]
+
+    # The request's log line is written after its commit: the row can change before the line appears.
+    wait_for(lambda: len(webhook_lines()) >= 2, timeout=10)
+    assert len(webhook_lines()) == 2 and all(" 200 " in line for line in webhook_lines()), webhook_lines()
 
 
 def test_term_to_make_stops_the_app_and_the_stand_in(make_run, ports):

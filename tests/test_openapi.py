@@ -22,7 +22,6 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -44,7 +43,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from standardwebhooks.webhooks import Webhook
 from werkzeug.serving import make_server
 
 from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
@@ -59,6 +57,7 @@ from tests.helpers import (
     migrate,
     register,
     session_token,
+    svix_headers,
 )
 
 DOCUMENT = openapi_document()
@@ -775,13 +774,7 @@ def test_docs_renders_in_chromium_under_the_apps_csp_with_no_violation(live_url)
 def webhook_post(client, payload: Any, *, secret: str = WEBHOOK_SECRET) -> Any:
     """``payload`` posted to the webhook endpoint, signed as Svix signs it."""
     body = payload if isinstance(payload, str) else json.dumps(payload)
-    svix_id = f"msg_{uuid.uuid4().hex}"
-    now = datetime.now(UTC)
-    headers = {
-        "svix-id": svix_id,
-        "svix-timestamp": str(int(now.timestamp())),
-        "svix-signature": Webhook(secret).sign(svix_id, now, body),
-    }
+    headers = svix_headers(body, svix_id=f"msg_{uuid.uuid4().hex}", secret=secret)
     return client.post(WEBHOOK[1], data=body, headers=headers, content_type="application/json")
 
 
