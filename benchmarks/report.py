@@ -115,6 +115,18 @@ def route_figures(scenarios: list[Scenario]) -> dict[str, Any]:
     }
 
 
+def cpu_target(what: str, scenario: Scenario, healthz: Scenario, goal: float) -> dict[str, Any]:
+    """A target on app CPU per request: ``scenario``'s over healthz's, at most ``goal`` times."""
+    value = ratio(scenario.app_cpu_ms, healthz.app_cpu_ms)
+    return {
+        "target": f"{what} / healthz's",
+        "value": rounded(value),
+        "goal": f"<= {goal}",
+        "pass": None if math.isnan(value) else value <= goal,
+        "detail": f"{scenario.app_cpu_ms:.2f} / {healthz.app_cpu_ms:.2f} ms",
+    }
+
+
 def targets(figures: dict[str, Any], workers: int) -> list[dict[str, Any]]:
     """Each target of docs/performance.md with its figure and verdict."""
     healthz, me, register0, slow = figures["healthz"], figures["me"], figures["register0"], figures["slow"]
@@ -133,26 +145,15 @@ def targets(figures: dict[str, Any], workers: int) -> list[dict[str, Any]]:
             }
         )
     if register0 is not None:
-        value = ratio(register0.app_cpu_ms, healthz.app_cpu_ms)
         found.append(
-            {
-                "target": f"app CPU per registration (Clerk 0 ms, {register0.clients} conns) / healthz's",
-                "value": rounded(value),
-                "goal": f"<= {REGISTER_CPU_TARGET}",
-                "pass": None if math.isnan(value) else value <= REGISTER_CPU_TARGET,
-                "detail": f"{register0.app_cpu_ms:.2f} / {healthz.app_cpu_ms:.2f} ms",
-            }
+            cpu_target(
+                f"app CPU per registration (Clerk 0 ms, {register0.clients} conns)",
+                register0,
+                healthz,
+                REGISTER_CPU_TARGET,
+            )
         )
-    value = ratio(me.app_cpu_ms, healthz.app_cpu_ms)
-    found.append(
-        {
-            "target": "app CPU per users/me / healthz's",
-            "value": rounded(value),
-            "goal": f"<= {ME_CPU_TARGET}",
-            "pass": None if math.isnan(value) else value <= ME_CPU_TARGET,
-            "detail": f"{me.app_cpu_ms:.2f} / {healthz.app_cpu_ms:.2f} ms",
-        }
-    )
+    found.append(cpu_target("app CPU per users/me", me, healthz, ME_CPU_TARGET))
     value = ratio(me.throughput, healthz.throughput)
     found.append(
         {
