@@ -84,8 +84,10 @@ def http_session() -> requests.Session:
     return session
 
 
-def create_user(email: str, password: str, external_id: str) -> dict[str, Any]:
-    """Create a Clerk user with this email and password, linked to our row by ``external_id``.
+def create_user(email: str, password: str, external_id: str, instance: str) -> dict[str, Any]:
+    """Create a Clerk user with this email and password, linked to our row by ``external_id`` and marked as
+    this Iris database's by ``instance`` (``private_metadata`` ``{"iris_instance": instance}``, which only the
+    Backend API can read or write: see ``mark_of``).
 
     Side effect: a user at Clerk. When this raises ``AuthProviderUnavailable`` or ``AuthProviderError`` the
     user may or may not exist (the answer was lost); find it with ``find_users(external_id=...)``.
@@ -93,8 +95,25 @@ def create_user(email: str, password: str, external_id: str) -> dict[str, Any]:
     return _call(
         "POST",
         "/users",
-        json={"email_address": [email], "password": password, "external_id": external_id},
+        json={
+            "email_address": [email],
+            "password": password,
+            "external_id": external_id,
+            "private_metadata": {MARK: instance},
+        },
     )
+
+
+# The private_metadata key naming the Iris database that created a Clerk user.
+MARK = "iris_instance"
+
+
+def mark_of(user: Any) -> str | None:
+    """The Iris database a Clerk user object says created it (its ``private_metadata.iris_instance``), or None
+    for a user with no mark (made by someone else, or by Iris before users were marked)."""
+    metadata = user.get("private_metadata") if isinstance(user, dict) else None
+    mark = metadata.get(MARK) if isinstance(metadata, dict) else None
+    return mark if isinstance(mark, str) and mark else None
 
 
 def delete_user(clerk_user_id: str) -> bool:
