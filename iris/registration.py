@@ -302,9 +302,10 @@ def _create_at_clerk(lease: Lease, email: str, password: str, instance: uuid.UUI
     """Create the Clerk user for ``lease``'s row, marked as ``instance``'s, and return it, or settle what can
     be settled and raise.
 
-    Side effects on failure: a definite refusal deletes the pending row; a lost answer keeps it (leased until
-    the create can no longer land) unless a lookup finds the user, which is then returned as if created
-    ("A lost answer is not a no").
+    Side effects on failure: a definite refusal, or a request that never left (``clerk.NotSent``: no
+    connection could be opened), deletes the pending row at once, freeing the email; a lost answer keeps it
+    (leased until the create can no longer land) unless a lookup finds the user, which is then returned as if
+    created ("A lost answer is not a no").
     """
     removed_strays = False
     while True:
@@ -325,7 +326,7 @@ def _create_at_clerk(lease: Lease, email: str, password: str, instance: uuid.UUI
             raise
         except IrisError as error:
             if not clerk.answer_was_lost(error):
-                _release(lease)  # a definite refusal: Clerk created nothing
+                _release(lease)  # a definite refusal, or never sent: Clerk created nothing
                 raise
             matches = _find_at_clerk(lease.user_id)
             if matches:
