@@ -545,13 +545,19 @@ def _expire(lease: Lease) -> None:
 
 def _claim(user_id: uuid.UUID, now: datetime) -> Lease | None:
     """Take the lease on pending row ``user_id`` if it has run out; None if it has not, or the row is complete
-    or gone. One conditional UPDATE, so of several settlers exactly one gets it."""
+    or gone. One conditional UPDATE, so of several settlers exactly one gets it.
+
+    The database alone decides which row matches: the ORM is told not to evaluate the condition against
+    accounts loaded in this session (``synchronize_session=False``). Evaluating it in Python compared stale
+    copies, and on SQLite (development), whose timestamps load without an offset, raised TypeError when a
+    webhook that had loaded the row settled it mid-registration."""
     lease = Lease(user_id, uuid.uuid4())
     with database_errors():
         claimed = db.session.execute(
             sa.update(User)
             .where(User.id == user_id, User.clerk_user_id.is_(None), User.pending_until < now)
-            .values(pending_owner=lease.owner, pending_until=now + _pending_timeout())
+            .values(pending_owner=lease.owner, pending_until=now + _pending_timeout()),
+            execution_options={"synchronize_session": False},
         ).rowcount
         db.session.commit()
     return lease if claimed else None
