@@ -37,7 +37,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,6 +69,10 @@ MAX_LIMIT = 100
 LIST_PARAMETERS = ("q", "role", "verified", "include_deleted", "limit", "cursor")
 MAX_QUERY_LENGTH = 320
 MAX_CURSOR_LENGTH = 200
+# The most digits a limit can have and still be read as a number (MAX_LIMIT has 3; leading zeros allowed).
+MAX_LIMIT_DIGITS = 9
+# The earliest year a cursor may name: four digits, as every created_at Iris gives out has.
+MIN_CURSOR_YEAR = 1000
 _CURSOR = re.compile(r"[A-Za-z0-9_-]+")
 BOOLEANS = {"true": True, "false": False}
 EMAIL_TAKEN_NOW = (
@@ -142,7 +146,9 @@ def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
             else:
                 details.append(field_error(name, "invalid_value", "Use true or false."))
     if "limit" in values:
-        limit = int(values["limit"]) if values["limit"].isascii() and values["limit"].isdigit() else 0
+        given = values["limit"]
+        # Short before int(): Python refuses to convert more than 4,300 digits (a ValueError, not a 422).
+        limit = int(given) if given.isascii() and given.isdigit() and len(given) <= MAX_LIMIT_DIGITS else 0
         if 1 <= limit <= MAX_LIMIT:
             query["limit"] = limit
         else:
@@ -202,13 +208,19 @@ def encode_cursor(user: User) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
-    """The (created_at, id) a cursor names, or None for anything ``encode_cursor`` did not make."""
+    """The (created_at, id) a cursor names, or None for anything ``encode_cursor`` did not make.
+
+    ``encode_cursor`` writes an instant in UTC (offset +00:00) with a four-digit year, so anything else is
+    refused here: another offset near the ends of datetime's range overflows when converted to UTC
+    (OverflowError, a 500), and on SQLite, which compares ``created_at`` as text, a year before 1000 would
+    compare wrongly against four-digit ones.
+    """
     if len(cursor) > MAX_CURSOR_LENGTH or not _CURSOR.fullmatch(cursor):
         return None
     try:
         created_at, user_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         instant = datetime.fromisoformat(created_at)
-        if instant.tzinfo is None:
+        if instant.utcoffset() != timedelta(0) or instant.year < MIN_CURSOR_YEAR:
             return None
         return instant, uuid.UUID(user_id)
     except (binascii.Error, ValueError, TypeError, AttributeError):

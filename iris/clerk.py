@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import requests
+import urllib3
 from flask import current_app
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
@@ -84,17 +85,37 @@ def http_session() -> requests.Session:
     return session
 
 
-def create_user(email: str, password: str, external_id: str) -> dict[str, Any]:
-    """Create a Clerk user with this email and password, linked to our row by ``external_id``.
+def create_user(email: str, password: str, external_id: str, instance: str) -> dict[str, Any]:
+    """Create a Clerk user with this email and password, linked to our row by ``external_id`` and marked as
+    this Iris database's by ``instance`` (``private_metadata`` ``{"iris_instance": instance}``, which only the
+    Backend API can read or write: see ``mark_of``).
 
     Side effect: a user at Clerk. When this raises ``AuthProviderUnavailable`` or ``AuthProviderError`` the
-    user may or may not exist (the answer was lost); find it with ``find_users(external_id=...)``.
+    user may or may not exist (the answer was lost); find it with ``find_users(external_id=...)``. ``NotSent``
+    (a subclass of ``AuthProviderUnavailable``) means the request never left: no user was made.
     """
     return _call(
         "POST",
         "/users",
-        json={"email_address": [email], "password": password, "external_id": external_id},
+        json={
+            "email_address": [email],
+            "password": password,
+            "external_id": external_id,
+            "private_metadata": {MARK: instance},
+        },
     )
+
+
+# The private_metadata key naming the Iris database that created a Clerk user.
+MARK = "iris_instance"
+
+
+def mark_of(user: Any) -> str | None:
+    """The Iris database a Clerk user object says created it (its ``private_metadata.iris_instance``), or None
+    for a user with no mark (made by someone else, or by Iris before users were marked)."""
+    metadata = user.get("private_metadata") if isinstance(user, dict) else None
+    mark = metadata.get(MARK) if isinstance(metadata, dict) else None
+    return mark if isinstance(mark, str) and mark else None
 
 
 def delete_user(clerk_user_id: str) -> bool:
@@ -219,12 +240,21 @@ def create_session_token(session_id: str) -> str:
     return token["jwt"]
 
 
+class NotSent(AuthProviderUnavailable):
+    """The request never left: no connection to Clerk could be opened (refused, unreachable, the name not
+    resolved, the connect timing out), after ``RETRIES``' one retry. Clerk did nothing, so nothing can land
+    later (503, like any unavailability)."""
+
+
 def answer_was_lost(error: IrisError) -> bool:
     """True when Clerk may have carried out the request although the call raised ``error``.
 
     Timeouts, dropped connections, 5xx and unreadable 2xx bodies leave the outcome unknown; every 4xx
-    (validation, taken, rate limit, bad key) is a definite refusal.
+    (validation, taken, rate limit, bad key) is a definite refusal, and so is ``NotSent`` (nothing reached
+    Clerk).
     """
+    if isinstance(error, NotSent):
+        return False
     if isinstance(error, AuthProviderUnavailable):
         return True
     return isinstance(error, AuthProviderError) and not isinstance(error, ClerkRefused)
@@ -263,11 +293,16 @@ def _call(
         response = http_session().request(
             method, url, json=json, params=params, headers=headers, timeout=timeout
         )
-    except requests.Timeout:
-        metrics.clerk_call(method, template, time.perf_counter() - started, "timeout")
-        log.warning("clerk %s timed out after %.0f ms", label, _ms(started))
-        raise AnswerLost() from None
     except requests.RequestException as error:
+        if _never_sent(error):
+            kind = "timeout" if isinstance(error, requests.Timeout) else "connection"
+            metrics.clerk_call(method, template, time.perf_counter() - started, kind)
+            log.warning("clerk %s not sent: no connection (%s)", label, type(error).__name__)
+            raise NotSent() from None
+        if isinstance(error, requests.Timeout):
+            metrics.clerk_call(method, template, time.perf_counter() - started, "timeout")
+            log.warning("clerk %s timed out after %.0f ms", label, _ms(started))
+            raise AnswerLost() from None
         metrics.clerk_call(method, template, time.perf_counter() - started, "connection")
         log.warning("clerk %s failed: %s", label, type(error).__name__)
         raise AnswerLost() from None
@@ -284,6 +319,19 @@ def _call(
     error = _error_for(response.status_code, body, response.headers.get("Retry-After"))
     metrics.clerk_call(method, template, elapsed, _error_kind(response.status_code, error))
     raise error
+
+
+def _never_sent(error: requests.RequestException) -> bool:
+    """True when ``error`` means no connection was ever opened, so the request was not written at all:
+    ``ConnectTimeout``, or a ``ConnectionError`` whose cause is urllib3's ``NewConnectionError`` (refused,
+    unreachable, name not resolved). A reset or a read timeout on an open connection may follow a request
+    Clerk received, and stays a lost answer."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    if not isinstance(error, requests.ConnectionError) or isinstance(error, requests.exceptions.ProxyError):
+        return False
+    cause = error.args[0] if error.args else None
+    return isinstance(getattr(cause, "reason", cause), urllib3.exceptions.NewConnectionError)
 
 
 def _error_kind(status: int, error: IrisError) -> str | None:

@@ -54,7 +54,8 @@ MAX_CONFLICT_DEPTH = 3
 @dataclass(frozen=True)
 class ClerkState:
     """What Iris keeps of one Clerk user: its id, ``updated_at`` (Unix ms), primary email and whether Clerk
-    says that address is verified, ``external_id`` and ``banned``."""
+    says that address is verified, ``external_id``, ``banned``, and ``mark``: the Iris database that made it
+    (``clerk.mark_of``), None when it carries none."""
 
     clerk_user_id: str
     updated_at: int
@@ -62,6 +63,7 @@ class ClerkState:
     verified: bool
     external_id: str | None
     banned: bool
+    mark: str | None = None
 
     @classmethod
     def read(cls, user: Any) -> ClerkState:
@@ -90,6 +92,7 @@ class ClerkState:
             verified=verified,
             external_id=external_id if isinstance(external_id, str) else None,
             banned=user.get("banned") is True,
+            mark=clerk.mark_of(user),
         )
 
 

@@ -76,9 +76,10 @@ def reconcile_command(dry_run: bool) -> None:
     and Iris's accounts and repair drift both ways, remove accounts left unconfirmed longer than
     IRIS_UNVERIFIED_TTL_HOURS, send the mails not sent yet, forget old webhook ids.
 
-    Shows progress on a terminal, then every change made and a summary line. Exits 1 when something could
-    not be reached (Clerk, the database, the mail server): run it again later, it carries on safely. Runs
-    alone: a second pass started meanwhile says so and exits 0. Safe from cron at any interval.
+    Shows progress on a terminal, then every change made, the Clerk users this database did not make ("Not
+    ours, left alone": never deleted or banned) and a summary line. Exits 1 when something could not be
+    reached (Clerk, the database, the mail server): run it again later, it carries on safely. Runs alone: a
+    second pass started meanwhile says so and exits 0. Safe from cron at any interval.
     """
     with maintenance.exclusive() as held:
         if not held:
@@ -91,6 +92,12 @@ def reconcile_command(dry_run: bool) -> None:
             click.echo(f"  {line}")
         if report.unlisted:
             click.echo(f"  ... and {report.unlisted} more")
+    if report.left_alone:
+        click.echo("Not ours, left alone (Clerk users this database did not make; see docs/deployment.md):")
+        for line in report.left_alone:
+            click.echo(f"  {line}")
+        if report.counts["not_ours"] > len(report.left_alone):
+            click.echo(f"  ... and {report.counts['not_ours'] - len(report.left_alone)} more")
     for line in report.failures:
         click.echo(f"Failed: {line}", err=True)
     counts = ", ".join(f"{kind} {report.counts[kind]}" for kind in SUMMARY_KINDS)
@@ -113,6 +120,7 @@ SUMMARY_KINDS = (
     "deleted",
     "clerk_user_deleted",
     "clerk_user_banned",
+    "not_ours",
     "unconfirmed_removed",
     "mail_sent",
     "failed",

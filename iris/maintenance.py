@@ -8,9 +8,14 @@ In order, each step on its own:
 2. Walk Clerk's whole user list, newest first, by cursor (``starting_after``, 500 a page), and bring each
    Clerk user's row in step (``iris.clerk_sync.apply_user``: changed addresses, users made outside Iris,
    pending rows whose Clerk user exists). A Clerk user that no live row claims is put right at Clerk
-   (``_remove_stray``): deleted when no row has its id (a stray of a registration), banned when its row was
-   deleted here (deleted Iris accounts cannot sign in), left alone when already banned (a deactivated
-   account) or when the row was deleted moments ago (``RECENTLY_DELETED``: a request may still be acting).
+   (``_remove_stray``) only when it is ours: deleted when it carries this database's mark and no row has its
+   id (a stray of a registration), banned when its row (found by ``clerk_user_id``, or by its id with our
+   mark) was deleted here (deleted Iris accounts cannot sign in), left alone when already banned (a
+   deactivated account) or when the row was deleted moments ago (``RECENTLY_DELETED``: a request may still be
+   acting). **Iris deletes at Clerk only what it made**: a Clerk user whose external_id is a UUID unknown here
+   but that carries another database's mark or none (another Iris database or application on a shared Clerk
+   instance, or one of ours made before users were marked) is never deleted or banned; it is reported as
+   ``not_ours`` ("Not ours, left alone"), for an operator to look at.
 3. Walk the live rows in id order, 100 at a time, and ask Clerk for exactly those users
    (``GET /v1/users?user_id=...``): a row whose Clerk user is gone is soft-deleted.
 4. Remove accounts left unconfirmed longer than IRIS_UNVERIFIED_TTL_HOURS (``iris.verification``).
@@ -76,11 +81,19 @@ class Report:
     changes: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    # Clerk users that look like strays but that this database did not make: reported, never touched.
+    left_alone: list[str] = field(default_factory=list)
 
     def change(self, kind: str, text: str) -> None:
         self.counts[kind] += 1
         if len(self.changes) < MAX_LISTED:
             self.changes.append(f"{kind:<22} {text}")
+
+    def leave(self, text: str) -> None:
+        """Report a Clerk user no row here claims and that is not ours to delete or ban (``not_ours``)."""
+        self.counts["not_ours"] += 1
+        if len(self.left_alone) < MAX_LISTED:
+            self.left_alone.append(text)
 
     def fail(self, text: str) -> None:
         self.counts["failed"] += 1
@@ -90,7 +103,10 @@ class Report:
 
     @property
     def unlisted(self) -> int:
-        return sum(count for kind, count in self.counts.items() if kind != "failed") - len(self.changes)
+        listed_elsewhere = ("failed", "not_ours")
+        return sum(count for kind, count in self.counts.items() if kind not in listed_elsewhere) - len(
+            self.changes
+        )
 
 
 @contextmanager
@@ -223,6 +239,7 @@ def _sync_page(page: list[dict[str, Any]], report: Report) -> None:
         ).scalars()
     )
     db.session.rollback()
+    mark = str(registration.instance_id())
     in_step: list[dict[str, Any]] = []  # rows whose content matches a newer Clerk state: one UPDATE for all
     for user, state in states:
         if state.clerk_user_id in deleted:
@@ -236,10 +253,16 @@ def _sync_page(page: list[dict[str, Any]], report: Report) -> None:
             and holder.clerk_user_id in (None, state.clerk_user_id)
         )
         if row is None and ours is not None and not claimed:
-            _remove_stray(
-                state, holder if holder is not None and holder.deleted_at is not None else None, report
-            )
+            if state.mark == mark:
+                _remove_stray(
+                    state, holder if holder is not None and holder.deleted_at is not None else None, report
+                )
+            else:
+                # Only a UUID unknown here: another database's or application's user, never ours to touch.
+                whose = f"marked by {state.mark}" if state.mark else "no mark"
+                report.leave(f"{state.clerk_user_id}  {state.email or ''}  ({whose})")
         elif row is not None and row.deleted_at is not None:
+            # Found by its clerk_user_id: this database's account, deleted here.
             _remove_stray(state, row, report)
         elif row is not None and clerk_sync.only_newer(row, state):
             in_step.append({"row_id": row.id, "at": state.updated_at})
@@ -256,8 +279,9 @@ def _sync_page(page: list[dict[str, Any]], report: Report) -> None:
 
 
 def _remove_stray(state: clerk_sync.ClerkState, row: User | None, report: Report) -> None:
-    """A Clerk user whose account is not live here. With no row at all (a registration's create that landed
-    after its row was settled) it is deleted at Clerk. With a row deleted here it is banned instead: that is
+    """A Clerk user of ours whose account is not live here (the caller has checked it is ours: our mark, or
+    a row found by its ``clerk_user_id``). With no row at all (a registration's create that landed after its
+    row was settled) it is deleted at Clerk. With a row deleted here it is banned instead: that is
     what a deactivated account's Clerk user is, a ban can be lifted by reactivating, and a deletion could not
     be undone if the row's deletion was itself the mistake. A banned user, or a row deleted moments ago (a
     request may be acting on it at Clerk right now), is left alone."""

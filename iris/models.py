@@ -157,6 +157,18 @@ class ClerkDeletedUser(db.Model):
     deleted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
 
 
+class IrisInstance(db.Model):
+    """The one row naming this Iris database (made by its migration, never changed). Every Clerk user Iris
+    creates carries the id in ``private_metadata.iris_instance``: maintenance and registration delete or ban
+    at Clerk only users with this mark (or matched to a row of ours by ``clerk_user_id``), never another
+    database's or application's on a shared Clerk instance. Read through ``iris.registration.instance_id``."""
+
+    __tablename__ = "iris_instance"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
 def normalise_email(value: str) -> str:
     """The stored form of an email address: trimmed and lower-cased."""
     return value.strip().lower()

@@ -72,7 +72,7 @@ from iris.errors import (
     field_error,
 )
 from iris.extensions import db
-from iris.models import ADMIN, DEFAULT_ROLE, User, normalise_email
+from iris.models import ADMIN, DEFAULT_ROLE, IrisInstance, User, normalise_email
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def register(email: object, password: object, role: object = DEFAULT_ROLE) -> Us
 
 def _register(email: object, password: object, role: object) -> User:
     email, role = _validate(email, password, role)
+    instance = instance_id()  # cached after the first registration; read before anything is reserved
     try:
         lease = _reserve(email, role)
     except RegistrationInProgress:
@@ -118,7 +119,7 @@ def _register(email: object, password: object, role: object) -> User:
     except EmailTaken:
         verification.request_mail(email, verification.VERIFY_AGAIN)  # only if held by an unconfirmed account
         raise
-    clerk_user = _create_at_clerk(lease, email, cast(str, password))
+    clerk_user = _create_at_clerk(lease, email, cast(str, password), instance)
     clerk_user_id = clerk_user["id"]
     try:
         verification.unverify_at_clerk(clerk_user)
@@ -189,13 +190,14 @@ def settle(user_id: uuid.UUID, *, adopt: bool, now: datetime | None = None) -> O
     With ``adopt``, a Clerk user carrying the row's id completes the row (``completed``); without, it is
     deleted at Clerk and the row with it (``removed``), as when no Clerk user exists. ``busy``: the row is
     not claimable (someone holds it, or it is complete or gone). ``failed``: Clerk could not be asked or the
-    row could not be written; it stays pending for later.
+    row could not be written; it stays pending for later. A Clerk user carrying the row's id but another
+    database's mark is neither adopted nor deleted: it is not this row's.
     """
     lease = _claim(user_id, now or datetime.now(UTC))
     if lease is None:
         return "busy"
     try:
-        matches = clerk.find_users(external_id=str(user_id))
+        matches = [match for match in clerk.find_users(external_id=str(user_id)) if not _foreign(match)]
     except IrisError:
         _expire(lease)  # nothing was written to Clerk: let the next settler try at once
         return "failed"
@@ -212,6 +214,15 @@ def settle(user_id: uuid.UUID, *, adopt: bool, now: datetime | None = None) -> O
         log.info("registration %s completed with the Clerk user that carries its id", user_id)
         return "completed"
     return "removed" if _undo(lease, [match["id"] for match in matches]) else "failed"
+
+
+def _foreign(clerk_user: Any) -> bool:
+    """True when a Clerk user carries another database's mark. A pending row's own external_id lookup is
+    what proves a user ours, so an unmarked one (made before users were marked) still settles its row; one
+    marked by another database (which has a row with the same id: a copy of this one) is never ours to
+    complete with or to delete."""
+    mark = clerk.mark_of(clerk_user)
+    return mark is not None and mark != str(instance_id())
 
 
 def _validate(email: object, password: object, role: object) -> tuple[str, str]:
@@ -287,17 +298,21 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
     return _reserve(email, role, retry=False)
 
 
-def _create_at_clerk(lease: Lease, email: str, password: str) -> dict[str, Any]:
-    """Create the Clerk user for ``lease``'s row and return it, or settle what can be settled and raise.
+def _create_at_clerk(lease: Lease, email: str, password: str, instance: uuid.UUID) -> dict[str, Any]:
+    """Create the Clerk user for ``lease``'s row, marked as ``instance``'s, and return it, or settle what can
+    be settled and raise.
 
-    Side effects on failure: a definite refusal deletes the pending row; a lost answer keeps it (leased until
-    the create can no longer land) unless a lookup finds the user, which is then returned as if created
-    ("A lost answer is not a no").
+    Side effects on failure: a definite refusal, or a request that never left (``clerk.NotSent``: no
+    connection could be opened), deletes the pending row at once, freeing the email; a lost answer keeps it
+    (leased until the create can no longer land) unless a lookup finds the user, which is then returned as if
+    created ("A lost answer is not a no").
     """
     removed_strays = False
     while True:
         try:
-            clerk_user = clerk.create_user(email, password, external_id=str(lease.user_id))
+            clerk_user = clerk.create_user(
+                email, password, external_id=str(lease.user_id), instance=str(instance)
+            )
             clerk_user_id = clerk_user.get("id") if isinstance(clerk_user, dict) else None
             if not isinstance(clerk_user_id, str):
                 raise AuthProviderError()  # a 2xx without a user: as unusable as an unreadable body
@@ -311,7 +326,7 @@ def _create_at_clerk(lease: Lease, email: str, password: str) -> dict[str, Any]:
             raise
         except IrisError as error:
             if not clerk.answer_was_lost(error):
-                _release(lease)  # a definite refusal: Clerk created nothing
+                _release(lease)  # a definite refusal, or never sent: Clerk created nothing
                 raise
             matches = _find_at_clerk(lease.user_id)
             if matches:
@@ -343,9 +358,12 @@ def _find_at_clerk(user_id: uuid.UUID) -> list[dict[str, Any]] | None:
 def _remove_strays(email: str) -> bool:
     """Delete the Clerk users holding ``email`` if every one of them is a stray of ours; True if done.
 
-    A stray carries one of our ids as external_id, no live row has that id, and it is not banned (a banned
-    user is kept deliberately). Only a create that landed after its row was settled makes one. Anyone else's
-    user (no external_id, or one that is not ours) leaves everything as it is.
+    A stray carries this database's mark (``clerk.mark_of``) and one of our ids as external_id, no row here
+    has that id, and it is not banned (a banned user is kept deliberately). Only a create that landed after
+    its row was settled makes one. Anyone else's user leaves everything as it is: one with no external_id, one
+    whose external_id is not a UUID, and one whose UUID is unknown here but that carries another database's
+    mark or none (another Iris database or application on a shared Clerk instance; or one of ours made before
+    users were marked, which ``flask iris reconcile`` reports as not ours for an operator to look at).
     """
     try:
         holders = clerk.find_users(email=email)
@@ -353,6 +371,9 @@ def _remove_strays(email: str) -> bool:
         return False
     ids = [our_id(holder.get("external_id")) for holder in holders]
     if not holders or None in ids or any(holder.get("banned") for holder in holders):
+        return False
+    if any(not is_ours(holder) for holder in holders):
+        log.warning("registration: the address is held at Clerk by a user this database did not make")
         return False
     with database_errors():
         claimed = db.session.execute(sa.select(sa.func.count()).where(User.id.in_(ids))).scalar_one()
@@ -371,13 +392,44 @@ def _remove_strays(email: str) -> bool:
 
 
 def our_id(external_id: object) -> uuid.UUID | None:
-    """The row id an ``external_id`` names if it is one of ours (a UUID), else None."""
+    """The row id an ``external_id`` names if it is shaped like one of ours (a UUID), else None. A UUID alone
+    does not make a Clerk user ours (another database's rows have UUIDs too): see ``is_ours``."""
     if not isinstance(external_id, str):
         return None
     try:
         return uuid.UUID(external_id)
     except ValueError:
         return None
+
+
+# app.extensions key of the cached instance id: one per app, since tests make many apps on many databases.
+INSTANCE_KEY = "iris.instance"
+
+
+def instance_id() -> uuid.UUID:
+    """This database's id (the one row of ``iris_instance``, made by its migration), read once per app and
+    cached in ``app.extensions``. Read on a connection of its own, returned to the pool at once: the caller's
+    session and transaction are untouched, and no connection is held across the Clerk call that follows.
+    Raises ``DatabaseUnavailable`` when the database cannot be read, and RuntimeError when the row is missing
+    (the database was not migrated)."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    cached = app.extensions.get(INSTANCE_KEY)
+    if cached is not None:
+        return cast(uuid.UUID, cached)
+    with database_errors(), db.engine.connect() as connection:
+        found = connection.execute(sa.select(IrisInstance.id)).scalars().all()
+    if len(found) != 1:
+        raise RuntimeError(
+            f"iris_instance must hold exactly one row, not {len(found)}: run `flask db upgrade`"
+        )
+    app.extensions[INSTANCE_KEY] = found[0]
+    return found[0]
+
+
+def is_ours(clerk_user: Any) -> bool:
+    """True when a Clerk user object carries this database's mark (``clerk.mark_of``): Iris made it here, so
+    registration and maintenance may delete it as a stray."""
+    return clerk.mark_of(clerk_user) == str(instance_id())
 
 
 def _complete(lease: Lease, clerk_user_id: str) -> tuple[User, uuid.UUID | None]:
@@ -493,13 +545,19 @@ def _expire(lease: Lease) -> None:
 
 def _claim(user_id: uuid.UUID, now: datetime) -> Lease | None:
     """Take the lease on pending row ``user_id`` if it has run out; None if it has not, or the row is complete
-    or gone. One conditional UPDATE, so of several settlers exactly one gets it."""
+    or gone. One conditional UPDATE, so of several settlers exactly one gets it.
+
+    The database alone decides which row matches: the ORM is told not to evaluate the condition against
+    accounts loaded in this session (``synchronize_session=False``). Evaluating it in Python compared stale
+    copies, and on SQLite (development), whose timestamps load without an offset, raised TypeError when a
+    webhook that had loaded the row settled it mid-registration."""
     lease = Lease(user_id, uuid.uuid4())
     with database_errors():
         claimed = db.session.execute(
             sa.update(User)
             .where(User.id == user_id, User.clerk_user_id.is_(None), User.pending_until < now)
-            .values(pending_owner=lease.owner, pending_until=now + _pending_timeout())
+            .values(pending_owner=lease.owner, pending_until=now + _pending_timeout()),
+            execution_options={"synchronize_session": False},
         ).rowcount
         db.session.commit()
     return lease if claimed else None

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -525,3 +526,31 @@ def user_ids(response: requests.Response) -> list[str]:
     body = response.json()
     assert isinstance(body, list)
     return [user["id"] for user in body]
+
+
+# ---- the instance mark: which Clerk users this database made
+
+
+def instance_mark(app: Flask) -> str:
+    """``app``'s database's id (the one ``iris_instance`` row), as Iris puts it in its Clerk users'
+    ``private_metadata.iris_instance``."""
+    with app.app_context():
+        return str(db.session.execute(sa.text("SELECT id FROM iris_instance")).scalar_one())
+
+
+def create_marked_clerk_user(
+    standin, email: str, *, mark: str | None, external_id: str | None = None
+) -> dict:
+    """A user made straight at the stand-in's Backend API carrying ``mark`` as the Iris database that made it
+    (``private_metadata.iris_instance``; None: no mark, as any other application's users, or Iris's own
+    before users were marked) and an ``external_id`` (a fresh UUID unless given)."""
+    metadata = {} if mark is None else {"iris_instance": mark}
+    return bapi(
+        standin,
+        "POST",
+        "/users",
+        email_address=[email],
+        password=PASSWORD,
+        external_id=external_id or str(uuid.uuid4()),
+        private_metadata=metadata,
+    )

@@ -198,19 +198,51 @@ def write_certificate(directory: Path) -> tuple[Path, Path]:
     return certificate_path, key_path
 
 
-def replace_once(text: str, old: str, new: str) -> str:
-    assert text.count(old) == 1, f"{NGINX_SITE.name} should contain {old!r} once; update this test with it"
+def replace_once(text: str, old: str, new: str, *, times: int = 1) -> str:
+    """``text`` with ``old`` (which must occur exactly ``times`` times) replaced by ``new``."""
+    assert text.count(old) == times, (
+        f"{NGINX_SITE.name} should contain {old!r} {times} time(s); update this test with it"
+    )
     return text.replace(old, new)
 
 
-def site_for_test(upstream_port: int, ports: dict[str, int], certificate: Path, key: Path) -> str:
-    """deploy/nginx-iris.conf with loopback test ports and the test certificate, nothing else changed."""
+# The name the site's servers answer to in tests (besides 127.0.0.1), sent as SNI by the default-server tests.
+TEST_SERVER_NAME = "iris.test"
+
+
+def site_for_test(
+    upstream_port: int, ports: dict[str, int], certificate: Path, key: Path, access_log: Path
+) -> str:
+    """deploy/nginx-iris.conf with loopback test ports, server names, the test certificate and the test
+    access log, nothing else changed.
+
+    ``redirect``: the plain-http port, shared by the site's redirect server and the plain default server, so
+    a request's Host picks one as in production. ``tls_shared``: the https port shared by the site's server
+    and the TLS default server, so the client's SNI and Host pick one as in production. ``tls``: the site's
+    https server alone, for clients that connect to https://127.0.0.1 (Chromium, http.client): a client
+    sends no SNI to an IP address, and nginx then hands the handshake to the port's default server, which in
+    production refuses it (every browser sends SNI for a real host name).
+    """
     site = NGINX_SITE.read_text()
     site = replace_once(site, "server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
     site = replace_once(site, "listen 80;", f"listen 127.0.0.1:{ports['redirect']};")
-    site = replace_once(site, "listen 443 ssl;", f"listen 127.0.0.1:{ports['tls']} ssl;")
-    site = replace_once(site, "listen [::]:80;", "")
-    site = replace_once(site, "listen [::]:443 ssl;", "")
+    site = replace_once(
+        site, "listen 80 default_server;", f"listen 127.0.0.1:{ports['redirect']} default_server;"
+    )
+    site = replace_once(
+        site,
+        "listen 443 ssl;",
+        f"listen 127.0.0.1:{ports['tls']} ssl;\n    listen 127.0.0.1:{ports['tls_shared']} ssl;",
+    )
+    site = replace_once(
+        site, "listen 443 ssl default_server;", f"listen 127.0.0.1:{ports['tls_shared']} ssl default_server;"
+    )
+    for listen in ("80;", "443 ssl;", "80 default_server;", "443 ssl default_server;"):
+        site = replace_once(site, f"listen [::]:{listen}", "")
+    site = replace_once(
+        site, "server_name accounts.example.com;", f"server_name 127.0.0.1 {TEST_SERVER_NAME};", times=2
+    )
+    site = replace_once(site, "/var/log/nginx/iris-access.log", str(access_log), times=4)
     live = "/etc/letsencrypt/live/accounts.example.com/"
     site = replace_once(site, live + "fullchain.pem", str(certificate))
     return replace_once(site, live + "privkey.pem", str(key))
@@ -326,12 +358,15 @@ def migrated_schema(admin_engine: sa.Engine) -> Iterator[str]:
 @dataclass
 class Site:
     """gunicorn behind nginx running the example site. nginx's ``ports``: ``tls`` (the site's https server),
-    ``redirect`` (its plain-http server) and ``plain`` (a test-only plain-http listener, see nginx_config)."""
+    ``tls_shared`` (the same server beside the TLS default server), ``redirect`` (its plain-http server,
+    beside the plain default server) and ``plain`` (a test-only plain-http listener, see nginx_config). The
+    site's servers write their access log to ``access_log``."""
 
     gunicorn: Gunicorn
     nginx: Nginx
     ports: dict[str, int]
     certificate: Path
+    access_log: Path
 
     @property
     def https_url(self) -> str:
@@ -345,9 +380,10 @@ def behind_nginx(directory: Path, env: dict[str, str]) -> Iterator[Site]:
     binary = require_nginx()
     certificate, key = write_certificate(directory)
     with Gunicorn(directory, env) as gunicorn:
-        ports = {"tls": free_port(), "redirect": free_port(), "plain": free_port()}
+        ports = {"tls": free_port(), "tls_shared": free_port(), "redirect": free_port(), "plain": free_port()}
         site_path = directory / "iris-site.conf"
-        site_path.write_text(site_for_test(gunicorn.port, ports, certificate, key))
+        access_log = directory / "iris-access.log"
+        site_path.write_text(site_for_test(gunicorn.port, ports, certificate, key, access_log))
         config = nginx_config(directory, site_path, ports["plain"])
         with Nginx(binary, directory, config, list(ports.values())) as nginx:
-            yield Site(gunicorn, nginx, ports, certificate)
+            yield Site(gunicorn, nginx, ports, certificate, access_log)

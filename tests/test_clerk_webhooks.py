@@ -11,6 +11,7 @@ import copy
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -25,6 +26,7 @@ from tests.helpers import (
     assert_error,
     create_clerk_user,
     expire_leases,
+    migrate,
     register,
     svix_headers,
 )
@@ -362,3 +364,34 @@ def test_a_user_without_a_primary_address_gets_no_account(app, client, standin, 
     user["primary_email_address_id"] = None
     assert deliver(client, event(kind, user)).json == {"outcome": "unchanged"}
     assert count(app, "users") == 0
+
+
+def test_on_sqlite_a_user_created_arriving_mid_registration_is_answered_not_a_500(
+    make_app, standin, tmp_path
+):
+    """Development runs on SQLite, where Clerk's user.created usually arrives while the registration is still
+    marking the address unverified. The event names the registration's pending row, which is still leased:
+    it is acknowledged (the registration completes the row itself), never a 500 from comparing an aware
+    timestamp with SQLite's offset-less one (the TypeError every `make run` registration logged)."""
+    app = make_app(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/iris.sqlite3", SQLALCHEMY_ENGINE_OPTIONS={})
+    migrate(app)
+    held = standin.control.add_fault(method="PATCH", path="/v1/email_addresses/", action="hold", times=1)
+    registering = ThreadPoolExecutor(max_workers=1)
+    answer = registering.submit(
+        app.test_client().post, URL, json={"email": "dev@bistro.example", "password": PASSWORD}
+    )
+    try:
+        standin.control.wait_until_held(held["id"])  # Clerk has the user; the registration is not done
+        [user] = requests.get(
+            standin.api_url + "/users", params={"email_address": "dev@bistro.example"}, headers=BAPI_HEADERS,
+            timeout=5,
+        ).json()  # fmt: skip
+        delivered = deliver(app.test_client(), event("user.created", user))
+        assert delivered.status_code == 200, delivered.get_data(as_text=True)
+        assert delivered.json == {"outcome": "unchanged"}
+    finally:
+        standin.control.release(held["id"])
+        registered = answer.result(timeout=30)
+        registering.shutdown()
+    assert registered.status_code == 201, registered.get_data(as_text=True)
+    assert registered.json["clerk_user_id"] == user["id"]

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from tests.servers import (
     NGINX_SITE,
     OWN_VARIABLES,
     ROOT,
+    TEST_SERVER_NAME,
     Gunicorn,
     Site,
     app_environment,
@@ -317,6 +319,115 @@ def test_control_a_client_that_reaches_gunicorn_directly_chooses_its_own_address
     assert answer.headers["Strict-Transport-Security"] == security.HSTS
     seen = stack.seen(answer)
     assert (seen["remote_addr"], seen["scheme"]) == (FORGED, "https")
+
+
+# --- what nginx itself keeps and answers: the access log, unknown hosts -----------------------------------
+
+
+SECRET = "eyJ1c2VyIjoiMGI1YyIsImVtYWlsIjoidmljdGltQGJpc3Ryby5leGFtcGxlIn0.secret-part"
+
+
+def access_log_lines(stack: Stack, request_ids: list[str]) -> str:
+    """The site's access log (the file the test configuration gave its `access_log` lines) once it holds a
+    line for each of ``request_ids``' requests: nginx writes a line when the request ends."""
+    deadline = time.monotonic() + 5
+    while True:
+        text = stack.site.access_log.read_text() if stack.site.access_log.exists() else ""
+        if len(text.splitlines()) >= len(request_ids) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+def test_nginxs_access_log_shows_links_without_their_tokens_and_no_query_strings(stack):
+    """/verify-email/<token>, /invitations/<token> and the API's accept are logged with `<token>` in place of
+    the token; a query string (a Clerk handshake, a search for an address) as `?<query>`; a Referer as its
+    origin only, since the page a request came from can be a link with a token."""
+    stack.site.access_log.write_text("")  # only this test's lines from here on
+    calls = [
+        stack.call("tls", f"/verify-email/{SECRET}", source=CLIENT),
+        stack.call("tls", f"/invitations/{SECRET}", source=CLIENT),
+        stack.call("tls", f"/api/v1/invitations/{SECRET}/accept", source=CLIENT, method="POST"),
+        stack.call("tls", "/api/v1/users?q=victim%40bistro.example", source=CLIENT),
+        stack.call("tls", f"/signup?__clerk_handshake={SECRET}", source=CLIENT),
+        stack.call(
+            "tls",
+            "/static/iris.css",
+            source=CLIENT,
+            headers={"Referer": f"https://iris.test/verify-email/{SECRET}"},
+        ),
+        stack.call("redirect", f"/verify-email/{SECRET}", source=CLIENT),  # plain http, before the redirect
+    ]
+    log = access_log_lines(stack, [call.request_id for call in calls])
+    assert len(log.splitlines()) == len(calls), log
+    assert SECRET not in log and "secret-part" not in log
+    assert "victim" not in log
+    for masked in (
+        '"GET /verify-email/<token> HTTP/1.1"',
+        '"GET /invitations/<token> HTTP/1.1"',
+        '"POST /api/v1/invitations/<token>/accept HTTP/1.1"',
+        '"GET /api/v1/users?<query> HTTP/1.1"',
+        '"GET /signup?<query> HTTP/1.1"',
+        '"GET /static/iris.css HTTP/1.1"',
+        '"https://iris.test"',
+    ):
+        assert masked in log, log
+    assert log.count(f"{CLIENT} - ") == len(calls)  # the real client's address, one line per request
+
+
+def exchange(port: int, *, host: str, sni: str | None, tls: bool, request_id: str, cafile: str) -> bytes:
+    """One raw GET /healthz with this Host header, over TLS with this SNI (None: none, as for an IP address)
+    or plain; the bytes that came back (b"" when the server closed without answering). Raises ssl.SSLError
+    when the handshake is refused."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection: socket.socket = raw
+    try:
+        if tls:
+            context = ssl.create_default_context(cafile=cafile)
+            context.check_hostname = False  # the test certificate names 127.0.0.1; the chain is still checked
+            connection = context.wrap_socket(raw, server_hostname=sni)
+        headers = f"Host: {host}\r\nX-Request-ID: {request_id}\r\nConnection: close\r\n"
+        connection.sendall(f"GET /healthz HTTP/1.1\r\n{headers}\r\n".encode())
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            pass  # closed without an answer
+        return answer
+    finally:
+        connection.close()
+
+
+def test_a_request_for_an_unknown_host_never_reaches_the_app(stack):
+    """The site's default servers, on the site's own ports: `Host: evil.example` over plain http is closed
+    without an answer (444); over TLS a handshake for any name but ours, or with no name, is refused; a
+    request naming another Host after a handshake for ours is closed unanswered too. The real name works on
+    the same ports, and the app's log shows none of the others."""
+    cafile = str(stack.site.certificate)
+    ports = stack.site.ports
+    sent: list[str] = []
+
+    def ask(port: int, *, host: str, sni: str | None, tls: bool) -> bytes:
+        sent.append(f"deploy-{uuid.uuid4().hex}")
+        return exchange(port, host=host, sni=sni, tls=tls, request_id=sent[-1], cafile=cafile)
+
+    assert ask(ports["redirect"], host="evil.example", sni=None, tls=False) == b""
+    for sni in ("evil.example", None):
+        with pytest.raises(ssl.SSLError):
+            ask(ports["tls_shared"], host="evil.example", sni=sni, tls=True)
+    assert ask(ports["tls_shared"], host="evil.example", sni=TEST_SERVER_NAME, tls=True) == b""
+    refused = list(sent)
+
+    # Controls on the same ports: the site's own name is answered, by nginx (redirect) and by the app.
+    redirect = ask(ports["redirect"], host=TEST_SERVER_NAME, sni=None, tls=False)
+    assert redirect.startswith(b"HTTP/1.1 301"), redirect[:200]
+    answered = ask(ports["tls_shared"], host=TEST_SERVER_NAME, sni=TEST_SERVER_NAME, tls=True)
+    assert answered.startswith(b"HTTP/1.1 200"), answered[:200]
+    assert stack.gunicorn.request_line(sent[-1])["status"] == 200
+
+    log = stack.gunicorn.text()
+    assert "evil.example" not in log
+    assert not any(request_id in log for request_id in refused)
 
 
 # --- IRIS_PROXY_HOPS in the app itself -------------------------------------------------------------------

@@ -22,7 +22,17 @@ from hypothesis import strategies as st
 
 from iris import create_app
 from iris.api import REGISTER_FIELDS
-from tests.helpers import PASSWORD, TEST_DATABASE_URL, b64url, register, session_token
+from tests.helpers import (
+    PASSWORD,
+    TEST_DATABASE_URL,
+    b64url,
+    bearer,
+    migrate,
+    register,
+    run_sql,
+    session_token,
+    signed_in_admin,
+)
 
 # Every method of every API rule. Building the app touches neither the database nor the network.
 _URL_MAP = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": TEST_DATABASE_URL}).url_map
@@ -288,3 +298,67 @@ def test_a_surrogate_pair_escape_is_one_character_and_accepted(client):
         content_type="application/json; charset=utf-8",
     )
     assert response.status_code == 201, response.get_data(as_text=True)
+
+
+# ---- the admin listing's query string: Python's limits are not the answer
+
+
+LISTING = "/api/v1/users"
+
+
+def year_one_cursor() -> str:
+    """A well-formed cursor whose instant is 1 January of year 1, the first datetime Python has."""
+    return b64url(json.dumps(["0001-01-01T00:00:00+00:00", "0b5c6c1e-8d4f-4a0e-9d5b-3f4e8a1c2d3e"]).encode())
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "code"),
+    [
+        # Past Python's 4,300-digit limit on int(): ValueError, not a small number or a large one.
+        pytest.param("limit=" + "1" * 4301, "limit", "out_of_range", id="4301-digit-limit"),
+        pytest.param("limit=" + "0" * 5000 + "5", "limit", "out_of_range", id="zero-padded-limit"),
+        # Valid JSON, a valid instant and UUID, at the very edge of what datetime can hold.
+        pytest.param("cursor=" + year_one_cursor(), "cursor", "invalid_cursor", id="year-1-cursor"),
+        pytest.param(
+            "cursor=" + b64url(b'["0001-01-01T00:00:00+01:00","0b5c6c1e-8d4f-4a0e-9d5b-3f4e8a1c2d3e"]'),
+            "cursor",
+            "invalid_cursor",
+            id="year-1-cursor-east-of-utc",
+        ),
+        pytest.param(
+            "cursor=" + b64url(b'["9999-12-31T23:59:59-01:00","0b5c6c1e-8d4f-4a0e-9d5b-3f4e8a1c2d3e"]'),
+            "cursor",
+            "invalid_cursor",
+            id="year-9999-cursor-west-of-utc",
+        ),
+    ],
+)
+def test_a_listing_parameter_past_pythons_limits_is_a_422_naming_it(app, client, standin, query, field, code):
+    _, headers = signed_in_admin(client, app, standin)
+    response = client.get(f"{LISTING}?{query}", headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)[:500]
+    error = response.json["error"]
+    assert error["code"] == "validation_error"
+    assert [(detail["field"], detail["code"]) for detail in error["details"]] == [(field, code)]
+
+
+@pytest.mark.parametrize(
+    "instant",
+    ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "0999-01-01T00:00:00+00:00"],
+    ids=["year-1-east-of-utc", "year-9999-west-of-utc", "three-digit-year"],
+)
+def test_on_sqlite_a_cursor_at_the_ends_of_time_is_a_422(make_app, standin, tmp_path, instant):
+    """Development's SQLite compares created_at as UTC text: converting year 1 east of UTC (or 9999 west of
+    it) overflowed into a 500, and a three-digit year compared as text would sort after every real one."""
+    app = make_app(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/iris.sqlite3", SQLALCHEMY_ENGINE_OPTIONS={})
+    migrate(app)
+    client = app.test_client()
+    admin = register(client, "admin@iris.example")
+    run_sql(app, "UPDATE users SET role = 'admin', email_verified_at = CURRENT_TIMESTAMP")
+    headers = bearer(session_token(standin, admin["clerk_user_id"], 600))
+    cursor = b64url(json.dumps([instant, "0b5c6c1e-8d4f-4a0e-9d5b-3f4e8a1c2d3e"]).encode())
+    response = client.get(f"{LISTING}?cursor={cursor}", headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)[:500]
+    assert [(detail["field"], detail["code"]) for detail in response.json["error"]["details"]] == [
+        ("cursor", "invalid_cursor")
+    ]

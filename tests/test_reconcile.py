@@ -28,7 +28,13 @@ from tests.helpers import (
     TEST_DATABASE_URL,
     clerk_users,
     create_clerk_user,
+    create_marked_clerk_user,
+    dispose,
+    instance_mark,
+    make_test_app,
+    migrate,
     register,
+    run_sql,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +68,8 @@ def test_reconcile_repairs_drift_both_ways(app, client, standin):
     gone = register(client, "gone@bistro.example")
     delete_at_clerk(standin, gone["clerk_user_id"])  # deleted in Clerk's dashboard; the webhook never came
     walkin = create_clerk_user(standin, "walkin@bistro.example")  # made by support in Clerk's dashboard
-    stray = create_clerk_user(
-        standin, "stray@bistro.example", external_id="0b5c6c1e-8d4f-4a0e-9d5b-3f4e8a1c2d3e"
-    )
+    # A create of ours that landed after its row was settled: our mark, an id no row has.
+    stray = create_marked_clerk_user(standin, "stray@bistro.example", mark=instance_mark(app))
 
     result = reconcile(app)
     assert result.exit_code == 0, result.output
@@ -101,9 +106,7 @@ def test_a_dry_run_lists_the_drift_and_changes_nothing(app, client, standin):
     gone = register(client, "gone@bistro.example")
     delete_at_clerk(standin, gone["clerk_user_id"])
     walkin = create_clerk_user(standin, "walkin@bistro.example")
-    stray = create_clerk_user(
-        standin, "stray@bistro.example", external_id="0b5c6c1e-8d4f-4a0e-9d5b-3f4e8a1c2d3e"
-    )
+    stray = create_marked_clerk_user(standin, "stray@bistro.example", mark=instance_mark(app))
 
     result = reconcile(app, "--dry-run")
     assert result.exit_code == 0, result.output
@@ -130,6 +133,108 @@ def test_a_banned_stray_is_kept_at_clerk(app, client, standin):
         db.session.commit()
     assert reconcile(app).exit_code == 0
     assert [user["id"] for user in clerk_users(standin)] == [registered["clerk_user_id"]]
+
+
+# ---- Iris deletes at Clerk only what it made
+
+
+def test_only_a_stray_carrying_our_mark_is_deleted_others_are_reported_and_left_alone(app, standin):
+    """On a shared Clerk instance a UUID external_id unknown here is not proof of anything: a user another
+    Iris database made (its own mark) or another application made (no mark) survives every pass, and is
+    listed as not ours; our own stray (our mark) is deleted."""
+    ours = create_marked_clerk_user(standin, "ours@bistro.example", mark=instance_mark(app))
+    foreign = create_marked_clerk_user(standin, "foreign@bistro.example", mark=str(uuid.uuid4()))
+    unmarked = create_marked_clerk_user(standin, "unmarked@bistro.example", mark=None)
+
+    for _ in range(2):  # the second pass too: reported each time, never touched
+        result = reconcile(app)
+        assert result.exit_code == 0, result.output
+        assert {user["id"] for user in clerk_users(standin)} == {foreign["id"], unmarked["id"]}
+        assert all(user["banned"] is False for user in clerk_users(standin))
+        assert "not_ours 2" in result.output
+        listed = result.output.split("Not ours, left alone", 1)[1].split("Summary:", 1)[0]
+        assert foreign["id"] in listed and unmarked["id"] in listed and ours["id"] not in listed
+    assert "clerk_user_deleted 0" in result.output
+    assert live_accounts(app) == {}  # nor made accounts here
+
+
+@pytest.mark.parametrize("mark", ["foreign", None], ids=["another-database", "no-mark"])
+def test_a_clerk_user_naming_a_deleted_row_here_is_banned_only_with_our_mark(app, standin, mark):
+    """A row deleted here whose id a live Clerk user carries as external_id, while the row itself names
+    another Clerk user (a copy of this database made the Clerk user): banned only if our mark says we made
+    it."""
+    row_id = uuid.uuid4()
+    run_sql(
+        app,
+        "INSERT INTO users (id, email, clerk_user_id, role, deleted_at) VALUES"
+        " (:id, 'copied@bistro.example', 'user_somebody_else', 'restaurant', now() - interval '1 day')",
+        id=row_id,
+    )
+    given = str(uuid.uuid4()) if mark == "foreign" else None
+    theirs = create_marked_clerk_user(standin, "copied@bistro.example", mark=given, external_id=str(row_id))
+    result = reconcile(app)
+    assert result.exit_code == 0, result.output
+    [kept] = clerk_users(standin)
+    assert (kept["id"], kept["banned"]) == (theirs["id"], False)
+    assert "clerk_user_banned 0" in result.output and "not_ours 1" in result.output
+
+    mine = create_marked_clerk_user(  # control: the same with our mark is banned
+        standin, "mine@bistro.example", mark=instance_mark(app), external_id=str(row_id := uuid.uuid4())
+    )
+    run_sql(
+        app,
+        "INSERT INTO users (id, email, clerk_user_id, role, deleted_at) VALUES"
+        " (:id, 'mine@bistro.example', 'user_another', 'restaurant', now() - interval '1 day')",
+        id=row_id,
+    )
+    assert "clerk_user_banned 1" in reconcile(app).output
+    assert {user["id"]: user["banned"] for user in clerk_users(standin)} == {
+        theirs["id"]: False,
+        mine["id"]: True,
+    }
+
+
+def test_two_checkouts_sharing_one_clerk_leave_each_others_users_alone(app, client, standin, admin_engine):
+    """Two databases (two schemas) behind one stand-in, as two checkouts on one machine or staging and
+    production on one Clerk instance: a reconcile in either deletes, bans and imports nothing of the other's,
+    and both keep their accounts."""
+    other_schema = f"t_{uuid.uuid4().hex[:12]}"
+    with admin_engine.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{other_schema}"'))
+    other = make_test_app(other_schema, standin.base_url)
+    try:
+        migrate(other)
+        assert instance_mark(other) != instance_mark(app)
+        mine = register(client, "mine@bistro.example")
+        theirs = register(other.test_client(), "theirs@bistro.example")
+        # Each side also has a stray of its own (a create that landed after its row was settled).
+        my_stray = create_marked_clerk_user(standin, "my-stray@bistro.example", mark=instance_mark(app))
+        their_stray = create_marked_clerk_user(
+            standin, "their-stray@bistro.example", mark=instance_mark(other)
+        )
+
+        here = reconcile(app)
+        assert here.exit_code == 0, here.output
+        assert {user["id"] for user in clerk_users(standin)} == {
+            mine["clerk_user_id"],
+            theirs["clerk_user_id"],
+            their_stray["id"],
+        }
+        assert "clerk_user_deleted 1" in here.output and "not_ours 2" in here.output
+        there = reconcile(other)
+        assert there.exit_code == 0, there.output
+        assert {user["id"] for user in clerk_users(standin)} == {
+            mine["clerk_user_id"],
+            theirs["clerk_user_id"],
+        }
+        assert all(user["banned"] is False for user in clerk_users(standin))
+        assert my_stray["id"] not in {user["id"] for user in clerk_users(standin)}
+        assert live_accounts(app) == {mine["clerk_user_id"]: "mine@bistro.example"}
+        assert live_accounts(other) == {theirs["clerk_user_id"]: "theirs@bistro.example"}
+    finally:
+        dispose(other)
+        with admin_engine.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{other_schema}" CASCADE'))
 
 
 def test_a_live_clerk_user_whose_account_was_deleted_here_is_banned(app, client, standin):
@@ -293,7 +398,19 @@ def test_twenty_thousand_users_with_drift_each_way_are_brought_in_step(app, stan
     users = [
         {"email_address": f"owner{n}@bistro.example", "external_id": str(row_ids[n])} for n in range(size)
     ]
-    clerk_ids = standin.control.bulk_create_users(users)
+    # The users whose rows will name another Clerk user (strays): made as Iris makes them, with our mark,
+    # since only a marked stray is deleted. The rest in bulk (made before marks existed, as far as it shows).
+    strays = range(drift, 2 * drift)
+    mark = instance_mark(app)
+    bulk = iter(standin.control.bulk_create_users([user for n, user in enumerate(users) if n not in strays]))
+    clerk_ids = [
+        create_marked_clerk_user(
+            standin, users[n]["email_address"], mark=mark, external_id=users[n]["external_id"]
+        )["id"]
+        if n in strays
+        else next(bulk)
+        for n in range(size)
+    ]
     standin.control.bulk_create_users([{"email_address": f"walkin{n}@bistro.example"} for n in range(drift)])
     rows_in = [
         {

@@ -29,6 +29,7 @@ from tests.helpers import (
     assert_error,
     clerk_users,
     expire_leases,
+    free_port,
     migrate,
     rows,
     wait_for,
@@ -200,6 +201,23 @@ def test_reconcile_exits_non_zero_when_clerk_is_unreachable(app, make_app, schem
     assert result.exit_code == 1
     assert "Failed: a pending registration could not be settled" in result.stderr
     assert "pending_completed 0, pending_removed 0" in result.output
+
+
+def test_a_refused_connection_to_clerk_releases_the_email_at_once(make_app, standin):
+    """A lost answer is not a no, but a request that never left is: with nothing listening on Clerk's port
+    the connection is refused (after the client's one connect retry), Clerk did nothing, and nothing can land
+    later. The reservation is released at once, so the person trying again a moment later, with Clerk back,
+    registers instead of waiting out a lease as "in progress"."""
+    refused = make_app(CLERK_API_URL=f"http://127.0.0.1:{free_port()}")  # a real socket; nothing listens
+    migrate(refused)
+    answer = refused.test_client().post(URL, json={"email": "refused@b.example", "password": PASSWORD})
+    assert_error(answer, 503, "auth_provider_unavailable")
+    assert rows(refused) == []
+
+    back = make_app()  # the same database, Clerk reachable again
+    again = back.test_client().post(URL, json={"email": "refused@b.example", "password": PASSWORD})
+    assert again.status_code == 201, again.get_data(as_text=True)
+    assert [user["external_id"] for user in clerk_users(standin)] == [again.json["id"]]
 
 
 def serve(app):

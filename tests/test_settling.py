@@ -23,11 +23,13 @@ from tests.helpers import (
     URL,
     assert_error,
     clerk_users,
-    create_clerk_user,
+    create_marked_clerk_user,
     expire_leases,
+    instance_mark,
     migrate,
     password_works,
     rows,
+    run_sql,
     wait_for,
 )
 
@@ -164,6 +166,53 @@ def test_a_clerk_user_that_is_not_ours_still_makes_the_email_taken(app, client, 
     assert rows(app) == []
 
 
+@pytest.mark.parametrize("mark", ["foreign", None], ids=["another-database", "no-mark"])
+def test_a_clerk_user_with_a_uuid_unknown_here_but_not_our_mark_keeps_the_email_taken(app, standin, mark):
+    """A UUID external_id no row here has is not proof of a stray: another Iris database on the same Clerk
+    instance (its own mark) or another application (no mark) made the user. Registration leaves it alone and
+    answers 409; only our own mark makes it a stray to remove (the control at the end)."""
+    theirs = create_marked_clerk_user(standin, EMAIL, mark=str(uuid.uuid4()) if mark else None)
+    assert_error(register(app, OTHER_PASSWORD), 409, "email_taken")
+    assert [user["id"] for user in clerk_users(standin)] == [theirs["id"]]
+    assert password_works(standin, theirs["id"], PASSWORD)
+    assert rows(app) == []
+
+    mine = create_marked_clerk_user(standin, "mine@bistro.example", mark=instance_mark(app))
+    created = register(app, OTHER_PASSWORD, email="mine@bistro.example")
+    assert created.status_code == 201, created.json
+    assert mine["id"] not in {user["id"] for user in clerk_users(standin)}
+
+
+def pending_row(app, email: str) -> str:
+    """A pending registration whose lease has run out (it died before Clerk's answer was recorded); its id."""
+    row_id = str(uuid.uuid4())
+    run_sql(
+        app,
+        "INSERT INTO users (id, email, role, pending_owner, pending_until) VALUES"
+        " (:id, :email, 'restaurant', gen_random_uuid(), now() - interval '1 second')",
+        id=row_id,
+        email=email,
+    )
+    return row_id
+
+
+def test_a_pending_row_is_never_completed_with_another_databases_user(app, standin):
+    """Settling goes by the pending row's own external_id lookup. A user found there with another database's
+    mark (a copy of this database, same row ids, on the same Clerk instance) is not this row's: the row is
+    undone and the other database's user kept. Without a mark (made before users were marked) the user is
+    this row's, as before: the control completes with it."""
+    copied = pending_row(app, "copy@bistro.example")
+    theirs = create_marked_clerk_user(
+        standin, "copy@bistro.example", mark=str(uuid.uuid4()), external_id=copied
+    )
+    older = pending_row(app, "older@bistro.example")
+    before_marks = create_marked_clerk_user(standin, "older@bistro.example", mark=None, external_id=older)
+
+    assert reconcile(app) == {"completed": 1, "removed": 1, "failed": 0}
+    assert [(str(row.id), row.clerk_user_id) for row in rows(app)] == [(older, before_marks["id"])]
+    assert {user["id"] for user in clerk_users(standin)} == {theirs["id"], before_marks["id"]}
+
+
 def test_reconcile_holding_a_row_makes_the_next_attempt_wait(app, standin):
     """Reconcile claimed the row and is asking Clerk about it: a registration of the same email does not touch
     the row (409 with Retry-After), and reconcile then completes it."""
@@ -285,7 +334,7 @@ def test_a_stray_whose_delete_answer_is_lost_is_left_for_a_later_attempt(app, st
     """A Clerk user carrying an id of ours that no row has holds the email, and the answer to deleting it is
     lost (the delete was or was not carried out). The attempt answers 409 and leaves no row; the next one
     succeeds either way, with one account."""
-    stray = create_clerk_user(standin, EMAIL, external_id=str(uuid.uuid4()))
+    stray = create_marked_clerk_user(standin, EMAIL, mark=instance_mark(app))
     standin.control.add_fault(method="DELETE", path="/v1/users/", times=1, **fault)
     assert_error(register(app), 409, "email_taken")
     assert rows(app) == []
