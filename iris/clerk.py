@@ -149,6 +149,33 @@ def set_email_verified(email_address_id: str, verified: bool) -> dict[str, Any]:
     )
 
 
+class PasswordIncorrect(ClerkRefused):
+    """Clerk answered 422 ``incorrect_password``: an expected answer (``verify_password`` returns False), not
+    an unusable one, so it is neither logged as an error nor counted as one."""
+
+
+def verify_password(clerk_user_id: str, password: str) -> bool:
+    """Whether ``password`` is the Clerk user's password (``POST /v1/users/{id}/verify_password``): True on
+    200 ``{"verified": true}``, False on 422 ``incorrect_password`` (also for a user without a password).
+
+    Changes nothing at Clerk. The password goes in the request body only, which is never logged or put in an
+    error (as for ``create_user``). Raises ``NotFoundAtClerk`` when Clerk has no such user, ``RateLimited``,
+    ``AuthProviderUnavailable`` and ``AuthProviderError`` like every call.
+    """
+    try:
+        answer = _call(
+            "POST",
+            f"/users/{clerk_user_id}/verify_password",
+            json={"password": password},
+            path_template="/users/{id}/verify_password",
+        )
+    except PasswordIncorrect:
+        return False
+    if not isinstance(answer, dict) or answer.get("verified") is not True:
+        raise AuthProviderError()
+    return True
+
+
 def ban_user(clerk_user_id: str) -> dict[str, Any]:
     """Ban a Clerk user (``POST /v1/users/{id}/ban``): Clerk ends their sessions and refuses their sign-ins
     from then on. Returns the user, ``banned`` true.
@@ -341,7 +368,7 @@ def _error_kind(status: int, error: IrisError) -> str | None:
         return "rate_limited"
     if status >= 500:
         return "server_error"
-    if isinstance(error, ClerkRefused) and not isinstance(error, NotFoundAtClerk):
+    if isinstance(error, ClerkRefused) and not isinstance(error, (NotFoundAtClerk, PasswordIncorrect)):
         return "refused"
     return None
 
@@ -365,6 +392,8 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
         return ValidationFailed(
             details=[field_error("password", PASSWORD_CODES.get(code, "password_rejected"), message)]
         )
+    if code == "incorrect_password":
+        return PasswordIncorrect(status)
     if code == "form_param_format_invalid" and _param(first) == "email_address":
         return ValidationFailed(
             details=[field_error("email", "invalid_email", "Enter a valid email address.")]

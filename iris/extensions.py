@@ -50,6 +50,11 @@ def verification_email_limit() -> str:
     return current_app.config["RATELIMIT_VERIFICATION_EMAIL"]
 
 
+def verify_password_limit() -> str:
+    """The limit on wrong passwords typed on a verification link's page, from RATELIMIT_VERIFY_PASSWORD."""
+    return current_app.config["RATELIMIT_VERIFY_PASSWORD"]
+
+
 # Per client IP (request.remote_addr, which ProxyFix corrects behind trusted proxies). Storage and switches
 # come from the app config (RATELIMIT_STORAGE_URI, RATELIMIT_ENABLED, ...). The limits are read from the
 # config on each request: Flask-Limiter would otherwise keep the first app's defaults for every later app.

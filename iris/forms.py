@@ -12,10 +12,13 @@ class SignupForm(FlaskForm):
 
 
 class VerifyEmailForm(FlaskForm):
-    """The two choices a verification link offers; which button was pressed says which."""
+    """The two choices a verification link offers; which button was pressed says which. The page renders
+    them as two forms: confirming takes the account's password (checked by Clerk), removing takes nothing,
+    and pressing Enter in the password field can only confirm."""
 
+    password = PasswordField("Your Iris password", render_kw={"autocomplete": "current-password"})
     confirm = SubmitField("Yes, this is my account")
-    remove = SubmitField("I did not sign up: remove it")
+    remove = SubmitField("This wasn't me: remove the account")
 
 
 class NewLinkForm(FlaskForm):

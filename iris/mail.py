@@ -13,8 +13,9 @@ Guarantees:
   before answering (the courier tries that mail once more on a fresh connection): a mail can arrive twice,
   never zero times while attempts remain.
 - **Nothing secret stored or logged.** An outbox row holds who and what (user, kind, address), never a link,
-  token or password. The link is made when the mail is built; only the kind, the row id and an error's type
-  are logged. ``last_error`` holds an error type or SMTP code, never a message body.
+  token or password. The link is made when the mail is built (``compose``; the database keeps only its
+  token's hash), so it exists only in the mail; only the kind, the row id and an error's type are logged.
+  ``last_error`` holds an error type or SMTP code, never a message body.
 
 The courier: one per app per process, made on first use in that process, so a gunicorn worker makes its
 own and the master, which sends nothing, never starts a thread. Its daemon thread sends the mails in the
@@ -60,7 +61,8 @@ from iris.models import MailOutbox, User
 
 log = logging.getLogger(__name__)
 
-# Builds the mail of a kind for an account, or None when it is no longer needed (iris.verification.compose).
+# Builds the mail of a kind for an account, or None when it is no longer needed (iris.verification.compose);
+# called inside the claim's transaction, which commits what it adds to the session.
 Composer = Callable[[User, str], EmailMessage | None]
 # Hands one built mail to the server (or the console), raising OSError or smtplib.SMTPException: ``deliver``.
 Transport = Callable[[EmailMessage], None]
@@ -114,8 +116,9 @@ def send(outbox_id: uuid.UUID, compose: Composer, transport: Transport | None = 
 
     A row already sent, out of attempts, or claimed by another sender at this moment is left alone (False).
     A mail no longer needed (its account confirmed or removed meanwhile) is closed without sending.
-    ``compose`` builds it from the account and the kind; ``transport`` hands it over (default ``deliver``, a
-    connection of its own; the courier passes its batch's connection).
+    ``compose`` builds it from the account and the kind, inside the claim's transaction (it may add rows to
+    the session, committed with the claim; it must not commit); ``transport`` hands it over (default
+    ``deliver``, a connection of its own; the courier passes its batch's connection).
     """
     try:
         row = db.session.get(MailOutbox, outbox_id)
@@ -132,19 +135,28 @@ def send(outbox_id: uuid.UUID, compose: Composer, transport: Transport | None = 
             .values(attempts=MailOutbox.attempts + 1)
         ).rowcount
         user = db.session.get(User, row.user_id)  # live rows only
-        if user is not None:
-            # Detached before the commit: compose reads it without another round trip, and so never meets a
-            # database that went away after the claim.
-            db.session.expunge(user)
         kind = row.kind
+        message = None
+        failure: Exception | None = None
+        if claimed and user is not None:
+            # Built inside the claim's transaction: what building records (the link's row, whose token is
+            # only in the mail) commits with the claim, and nothing after the claim touches the database, so
+            # a database that goes away meanwhile cannot fail it. A mail that cannot be built still uses
+            # up its attempt (the claim commits without what building added).
+            try:
+                message = compose(user, kind)
+            except Exception as error:
+                db.session.expunge_all()
+                failure = error
         db.session.commit()
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
         log.warning("mail %s: database %s; left for reconcile", outbox_id, database_failure(error))
         return False
+    if failure is not None:
+        raise failure
     if not claimed:
         return False
-    message = compose(user, kind) if user is not None else None
     if message is None:
         _record(outbox_id, attempts=MAX_ATTEMPTS, last_error="not needed: account confirmed or removed")
         metrics.mail_sent("not_needed")
@@ -199,11 +211,13 @@ def send_unsent(compose: Composer) -> dict[str, int]:
     return counts
 
 
-def last_queued(address: str) -> datetime | None:
-    """When the newest mail to ``address`` was queued, or None; for the per-address resend limit."""
-    newest = db.session.execute(
-        sa.select(sa.func.max(MailOutbox.created_at)).where(MailOutbox.to_address == address)
-    ).scalar_one()
+def last_queued(address: str, kinds: tuple[str, ...] | None = None) -> datetime | None:
+    """When the newest mail to ``address`` (of one of ``kinds``, when given) was queued, or None; for the
+    per-address bound on verification mails (``iris.verification.queue_mail``)."""
+    query = sa.select(sa.func.max(MailOutbox.created_at)).where(MailOutbox.to_address == address)
+    if kinds is not None:
+        query = query.where(MailOutbox.kind.in_(kinds))
+    newest = db.session.execute(query).scalar_one()
     if newest is not None and newest.tzinfo is None:
         newest = newest.replace(tzinfo=UTC)  # SQLite returns naive UTC
     return newest

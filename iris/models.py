@@ -236,3 +236,38 @@ class AuditEvent(db.Model):
     actor_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
     actor_name: Mapped[str | None] = mapped_column(sa.String(100))
     request_id: Mapped[str | None] = mapped_column(sa.String(128))
+
+
+class EmailVerificationLink(db.Model):
+    """A verification link Iris mailed (iris.verification): the link carries a random token; this row holds
+    only its SHA-256, so neither the database nor a dump of it can rebuild a working link.
+
+    ``email_hmac`` binds the link to the address the account had when the link was made, without a second
+    copy of the address: an HMAC (keyed with the app's secret key) of it, compared with the account's current
+    address when the link is used. A changed address, or a rotated secret key, makes the link invalid.
+    ``used_at`` is set when the link confirmed or removed the account: from then on it does nothing.
+    """
+
+    __tablename__ = "email_verification_links"
+    __table_args__ = (sa.Index("ix_email_verification_links_user_id", "user_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"))
+    token_sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    email_hmac: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    expires_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class VerificationAttempt(db.Model):
+    """One password check made on a verification link's page (iris.verification.confirm), counted per account
+    so that a link cannot be used to try passwords quickly, from however many addresses. Holds who and when
+    only, never what was typed; rows older than the counting window are deleted as new ones are written."""
+
+    __tablename__ = "verification_attempts"
+    __table_args__ = (sa.Index("ix_verification_attempts_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

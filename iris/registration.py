@@ -13,7 +13,8 @@
 - **Unverified until proven** (IRIS_EMAIL_VERIFICATION=required). Before the account completes, its Clerk
   address is marked unverified (``iris.verification``); a refusal or a lost answer there is a failure after
   the create, undone like any other ("Nothing on failure"). The completing transaction also commits the
-  verification mail's outbox row, and the mail is sent after that commit (``iris.mail``: not lost). With
+  verification mail's outbox row (unless one went to the address minutes ago: ``verification.queue_mail``),
+  and the mail is sent after that commit (``iris.mail``: not lost). With
   verification off the account completes as confirmed (``email_verified_at`` set) and no mail is sent.
 - **No stuck email.** A crash between Clerk's answer and the local commit leaves a *pending* row
   (``clerk_user_id`` NULL) whose id is the Clerk user's ``external_id``. Once its lease has run out, the
@@ -434,7 +435,8 @@ def is_ours(clerk_user: Any) -> bool:
 
 def _complete(lease: Lease, clerk_user_id: str) -> tuple[User, uuid.UUID | None]:
     """Record Clerk's user id on the leased pending row and commit; return the complete account and the id
-    of its verification mail's outbox row (None with verification off: the account is confirmed instead).
+    of its verification mail's outbox row (None with verification off: the account is confirmed instead; or
+    when the per-address bound withholds the mail, ``verification.queue_mail``).
 
     One UPDATE ... RETURNING (and the outbox row) in one commit: the returned account is detached before
     the commit, so reading it afterwards needs no second round trip. Raises ``LeaseLost`` when the row is no
@@ -458,7 +460,8 @@ def _complete(lease: Lease, clerk_user_id: str) -> tuple[User, uuid.UUID | None]
             db.session.rollback()
             log.warning("registration %s: the pending row is no longer ours to complete", lease.user_id)
             raise LeaseLost()
-        outbox_id = mail.queue(user, verification.VERIFY) if verification.required() else None
+        # Within the per-address bound (None: one went to the address minutes ago; the person can ask again).
+        outbox_id = verification.queue_mail(user, verification.VERIFY) if verification.required() else None
         db.session.flush()
         db.session.expunge(user)
     try:

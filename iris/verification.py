@@ -1,33 +1,52 @@
-"""Email verification: proving that an account's email address belongs to the person who registered it.
+"""Email verification: proving that an account's email address belongs to the person who registered it, and
+that the person confirming it is the one who chose its password.
 
 Clerk marks every address made through its Backend API as verified; with IRIS_EMAIL_VERIFICATION=required
 Iris takes that back and asks the owner. Guarantees:
 
 - **Unverified until proven.** Registration marks the Clerk address unverified before the account completes
   (``unverify_at_clerk``); if that fails, the registration is undone (see ``iris.registration``).
-- **The link proves the mailbox.** A link is ``IRIS_PUBLIC_URL/verify-email/<token>``: the account id and its
-  current email, signed with the secret key and this module's salt (itsdangerous), valid ``LINK_LIFETIME``.
-  A token is never stored or logged; a changed email or a tampered token is refused.
+- **Links reveal nothing.** A link is ``IRIS_PUBLIC_URL/verify-email/<token>``, the token 32 random bytes
+  (``secrets.token_urlsafe``) made when the mail is built, so it exists only in the mail. The database keeps
+  its SHA-256 (``EmailVerificationLink``), never the token: a dump of the database cannot rebuild a link,
+  and the token decodes to nothing about the account. It works for ``LINK_LIFETIME`` and only while the
+  account has the address it was made for: the row holds an HMAC of that address keyed with the secret key
+  rather than a second copy of it (an address is personal data, and a plain SHA-256 of a guessable address
+  could be reversed by guessing). A changed address, or a rotated secret key, invalidates open links; a new
+  one is a request away. A link that confirmed or removed its account is used, and does nothing again.
 - **A visit changes nothing.** Opening the link shows two choices; only a POST (CSRF-checked) acts, so a link
   scanner's GET is harmless.
-- **Confirm.** The Clerk address is marked verified first, then ``email_verified_at`` is set. If Clerk fails
-  nothing changes here (503); confirming again is safe, the PATCH is idempotent.
-- **Remove ("I did not sign up").** The Clerk user is deleted first, then the row soft-deleted, which frees
-  the email at once. When the delete's answer is lost, the user is looked up: gone, the row is soft-deleted;
-  still there (or Clerk unreachable), nothing changes here and the answer is 503. A late delete can then leave
-  a live unconfirmed row without a Clerk user; trying again, or the expiry below, settles it (a delete of a
-  user already gone counts as done).
+- **Confirming proves the password.** The mail proves the mailbox, not who chose the password: someone can
+  register another person's address with a password of their own and wait for the owner to press "yes"
+  (pre-hijacking). So ``confirm`` takes the account's password and asks Clerk (``clerk.verify_password``);
+  a wrong or empty one confirms nothing. Each account allows ``WRONG_PASSWORD_LIMIT`` password checks per
+  ``WRONG_PASSWORD_WINDOW``, counted in the database (``VerificationAttempt``) before Clerk is asked, so a
+  link cannot be used to try passwords quickly from many addresses (the page adds a per-IP limit). The
+  password is passed to Clerk only: never stored, logged or sent back.
+- **Confirm.** After the password, the Clerk address is marked verified, then ``email_verified_at`` is set.
+  If Clerk fails nothing changes here (503); confirming again is safe, the PATCH is idempotent.
+- **Remove ("this wasn't me").** Needs no password. The Clerk user is deleted first, then the row
+  soft-deleted, which frees the email at once. When the delete's answer is lost, the user is looked up:
+  gone, the row is soft-deleted; still there (or Clerk unreachable), nothing changes here and the answer is
+  503. A late delete can then leave a live unconfirmed row without a Clerk user; trying again, or the expiry
+  below, settles it (a delete of a user already gone counts as done).
 - **No squatting.** An account unconfirmed after IRIS_UNVERIFIED_TTL_HOURS is removed by ``flask iris
   reconcile`` the same way. A registration of an address held by an unconfirmed account mails its owner the
-  two choices again.
-- **Resending is bounded.** At most one mail per address per ``RESEND_INTERVAL``, decided from the outbox
-  (the views add a per-IP limit); only a live, complete, unconfirmed account gets one, and the answer never
-  says which case it was.
+  two choices again, "this wasn't me" first.
+- **Mails to one address are bounded, whatever asks.** Every verification mail (the registration's, the note
+  to a squatted address's owner, a resend) is queued through ``queue_mail``, which queues at most one per
+  address per ``MAIL_INTERVAL`` (decided from the outbox, one decision per address at a time), so register,
+  delete, register again cannot flood someone's inbox. A withheld mail is not an error: the registration
+  succeeds and the person can ask for a new link later. Only a live, complete, unconfirmed account gets one,
+  and the answer to a request never says which case it was (the views add a per-IP limit).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -36,98 +55,127 @@ from typing import Any, Literal
 import email_validator
 import sqlalchemy as sa
 from flask import current_app, render_template
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from iris import clerk, mail
-from iris.errors import DATABASE_UNREACHABLE, AuthProviderError, IrisError, database_failure
+from iris.errors import (
+    DATABASE_UNREACHABLE,
+    AuthProviderError,
+    IrisError,
+    NotFoundAtClerk,
+    RateLimited,
+    database_errors,
+    database_failure,
+)
 from iris.extensions import db
-from iris.models import User, normalise_email
+from iris.models import EmailVerificationLink, User, VerificationAttempt, normalise_email
 
 log = logging.getLogger(__name__)
 
-SALT = "iris.verify-email"
 LINK_LIFETIME = timedelta(hours=48)
-RESEND_INTERVAL = timedelta(minutes=5)
+# At most one verification mail per address per this long, whatever asks for it (``queue_mail``).
+MAIL_INTERVAL = timedelta(minutes=5)
+# Password checks per account per window on a link's page (``confirm``).
+WRONG_PASSWORD_LIMIT = 5
+WRONG_PASSWORD_WINDOW = timedelta(minutes=15)
 # Outbox kinds: the mail after registering or asking again, and the one to the owner of an address someone
 # tried to register again.
 VERIFY = "verify_email"
 VERIFY_AGAIN = "verify_email_taken"
+KINDS = (VERIFY, VERIFY_AGAIN)
+# Keys the HMAC of an address (``_email_hmac``) apart from any other use of the secret key.
+EMAIL_HMAC_CONTEXT = b"iris.verify-email.address\0"
+# token_urlsafe(32) is 43 characters; anything far from that is not one of ours, and is not even hashed.
+TOKEN_LENGTHS = range(32, 65)
 
+# What a link leads to: ``open`` (an unconfirmed account to confirm or remove), ``confirmed``, ``removed``
+# (no live account with the link's address), ``expired`` or ``invalid`` (unknown, tampered, not ours).
 State = Literal["open", "confirmed", "removed", "expired", "invalid"]
+# What pressing confirm did: a state, or ``wrong_password`` (nothing done; the link stays open).
+Outcome = State | Literal["wrong_password"]
 
 
 def required() -> bool:
     return current_app.config["IRIS_EMAIL_VERIFICATION"] == "required"
 
 
-def make_token(user_id: uuid.UUID | str, email: str, secret_key: str | None = None) -> str:
-    """The signed token for account ``user_id`` with ``email`` (timestamped: it expires after
-    ``LINK_LIFETIME``)."""
-    key = secret_key or current_app.config["SECRET_KEY"]
-    return URLSafeTimedSerializer(key, salt=SALT).dumps({"user": str(user_id), "email": email})
-
-
-def link_for(user: User) -> str:
-    """The verification link for ``user``, on IRIS_PUBLIC_URL (never the request's Host)."""
-    return f"{current_app.config['IRIS_PUBLIC_URL']}/verify-email/{make_token(user.id, user.email)}"
+def new_link(user: User) -> str:
+    """A fresh verification link for ``user``, on IRIS_PUBLIC_URL (never the request's Host). Adds its row
+    (the token's SHA-256 only) to the session without a round trip; the caller commits."""
+    token = secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    db.session.add(
+        EmailVerificationLink(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            token_sha256=_token_sha256(token),
+            email_hmac=_email_hmac(user.email),
+            created_at=now,
+            expires_at=now + LINK_LIFETIME,
+        )
+    )
+    return f"{current_app.config['IRIS_PUBLIC_URL']}/verify-email/{token}"
 
 
 def look_up(token: str) -> tuple[State, User | None]:
-    """What ``token`` leads to: ``open`` (an unconfirmed account to confirm or remove), ``confirmed``,
-    ``removed`` (no live account with that id and email), ``expired`` or ``invalid`` (tampered, or not
-    ours). Reads only."""
-    serializer = URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=SALT)
-    try:
-        payload = serializer.loads(token, max_age=int(LINK_LIFETIME.total_seconds()))
-        user_id, email = uuid.UUID(payload["user"]), payload["email"]
-    except SignatureExpired:
-        return "expired", None
-    except (BadSignature, ValueError, KeyError, TypeError):
-        return "invalid", None
-    user = db.session.execute(
-        sa.select(User).where(User.id == user_id, User.email == email, User.clerk_user_id.is_not(None))
-    ).scalar_one_or_none()
-    db.session.rollback()
-    if user is None:
-        return "removed", None
-    return ("confirmed" if user.email_verified_at is not None else "open"), user
+    """What ``token`` leads to (see ``State``) and its account when live. Reads only."""
+    state, user, _ = _find(token)
+    return state, user
 
 
-def confirm(token: str) -> State:
-    """Confirm the account ``token`` names: the Clerk address marked verified, then ``email_verified_at``
-    set. Returns the state afterwards (``confirmed``, or why nothing was done). Raises ``IrisError``
-    (Clerk unreachable or refusing: nothing changed here)."""
-    state, user = look_up(token)
-    if state != "open" or user is None:
+def confirm(token: str, password: str) -> Outcome:
+    """Confirm the account ``token`` leads to, if ``password`` is its password (asked of Clerk): the Clerk
+    address marked verified, then ``email_verified_at`` set and the link used. Returns what happened
+    (``confirmed``, ``wrong_password``, or the state that stopped it). Raises ``RateLimited`` when the account
+    has had ``WRONG_PASSWORD_LIMIT`` checks within ``WRONG_PASSWORD_WINDOW`` (Clerk is not asked),
+    ``IrisError`` when Clerk is unreachable or refusing (nothing changed here), ``DatabaseUnavailable``."""
+    state, user, link = _find(token)
+    if state != "open" or user is None or link is None:
         return state
+    if not password:
+        return "wrong_password"  # nothing to ask Clerk about
+    attempt_id = _count_password_check(user.id)
+    try:
+        right = clerk.verify_password(user.clerk_user_id or "", password)
+    except NotFoundAtClerk:
+        return "removed"  # deleted at Clerk meanwhile; reconcile soft-deletes the row
+    except IrisError:
+        _forget_password_check(attempt_id)  # Clerk did not answer: not a try the person used up
+        raise
+    if not right:
+        log.info("account %s: wrong password on the verification page; nothing confirmed", user.id)
+        return "wrong_password"
     clerk_user = clerk.get_user(user.clerk_user_id or "")
     if clerk_user is None:
-        return "removed"  # deleted at Clerk meanwhile; reconcile soft-deletes the row
+        return "removed"
     clerk.set_email_verified(_primary_address_id(clerk_user), True)
-    db.session.execute(
-        sa.update(User)
-        .where(User.id == user.id, User.email_verified_at.is_(None), User.deleted_at.is_(None))
-        .values(email_verified_at=datetime.now(UTC))
-    )
-    db.session.commit()
+    now = datetime.now(UTC)
+    with database_errors():
+        db.session.execute(
+            sa.update(User)
+            .where(User.id == user.id, User.email_verified_at.is_(None), User.deleted_at.is_(None))
+            .values(email_verified_at=now)
+        )
+        _use(link.id, now)
+        db.session.commit()
     log.info("account %s: email address confirmed", user.id)
     return "confirmed"
 
 
 def remove(token: str) -> State:
-    """Remove the unconfirmed account ``token`` names ("I did not sign up"). Returns ``removed`` when done
-    (or the state that stopped it). Raises ``IrisError`` when Clerk could not be made to delete the user:
-    nothing changed here."""
-    state, user = look_up(token)
-    if state != "open" or user is None:
+    """Remove the unconfirmed account ``token`` leads to ("this wasn't me"; no password needed). Returns
+    ``removed`` when done (or the state that stopped it). Raises ``IrisError`` when Clerk could not be made
+    to delete the user: nothing changed here."""
+    state, user, link = _find(token)
+    if state != "open" or user is None or link is None:
         return state
-    remove_account(user, reason="the owner of the address did not sign up")
+    remove_account(user, reason="the owner of the address did not sign up", link_id=link.id)
     return "removed"
 
 
-def remove_account(user: User, *, reason: str) -> None:
-    """Delete ``user``'s Clerk user, then soft-delete its row if still unconfirmed. Raises ``IrisError``
-    when the Clerk user may still exist (see the module docstring); the row is then left as it is."""
+def remove_account(user: User, *, reason: str, link_id: uuid.UUID | None = None) -> None:
+    """Delete ``user``'s Clerk user, then soft-delete its row if still live (and mark the link ``link_id``
+    used, in the same transaction). Raises ``IrisError`` when the Clerk user may still exist (see the module
+    docstring); the row is then left as it is."""
     try:
         clerk.delete_user(user.clerk_user_id or "")
     except IrisError as error:
@@ -135,19 +183,44 @@ def remove_account(user: User, *, reason: str) -> None:
             raise
         if clerk.get_user(user.clerk_user_id or "") is not None:  # may raise: still unknown
             raise
+    now = datetime.now(UTC)
     # Even if it was confirmed meanwhile: once its Clerk user is gone, a live row would point at nothing.
     db.session.execute(
-        sa.update(User)
-        .where(User.id == user.id, User.deleted_at.is_(None))
-        .values(deleted_at=datetime.now(UTC))
+        sa.update(User).where(User.id == user.id, User.deleted_at.is_(None)).values(deleted_at=now)
     )
+    if link_id is not None:
+        _use(link_id, now)
     db.session.commit()
     log.info("account %s removed: %s", user.id, reason)
 
 
+def queue_mail(user: User, kind: str) -> uuid.UUID | None:
+    """Add a ``kind`` verification mail to ``user`` to the session's transaction, unless one was queued to
+    the address within ``MAIL_INTERVAL`` (whatever asked for it, whichever account it was for): the outbox
+    row's id, or None when withheld. The one place that bound is decided; every verification mail comes
+    through here. On PostgreSQL the decision holds a transaction-scoped advisory lock on the address, so two
+    transactions cannot both decide to mail it. The caller commits (or rolls back), then hands the id to
+    ``mail.send_later``. Raises what the database raises."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        key = "iris.verification-mail:" + user.email
+        db.session.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(key, 0))))
+    now = datetime.now(UTC)
+    newest = mail.last_queued(user.email, kinds=KINDS)
+    if newest is not None and now - newest < MAIL_INTERVAL:
+        log.info("account %s: %s mail withheld, one went to the address within the interval", user.id, kind)
+        return None
+    # The account's expired links do nothing any more: dropped here, where a new one is on its way.
+    db.session.execute(
+        sa.delete(EmailVerificationLink).where(
+            EmailVerificationLink.user_id == user.id, EmailVerificationLink.expires_at < now
+        )
+    )
+    return mail.queue(user, kind)
+
+
 def request_mail(email: object, kind: str = VERIFY) -> None:
-    """Queue a fresh link to the live, complete, unconfirmed account with ``email``, unless one was queued for
-    the address within ``RESEND_INTERVAL``, and hand it to the courier, which sends it after this request
+    """Queue a fresh link to the live, complete, unconfirmed account with ``email`` (within the per-address
+    bound, ``queue_mail``) and hand it to the courier, which sends it after this request
     (``mail.send_later``). Does nothing for any other address, and never says which case it was. Never raises
     for a database or mail failure (logged; a queued mail waits for reconcile)."""
     if not required() or not isinstance(email, str) or not email.strip():
@@ -164,11 +237,10 @@ def request_mail(email: object, kind: str = VERIFY) -> None:
             .where(User.email == address, User.clerk_user_id.is_not(None), User.email_verified_at.is_(None))
             .with_for_update()  # one resend decision per account at a time
         ).scalar_one_or_none()
-        newest = mail.last_queued(address) if user is not None else None
-        if user is None or (newest is not None and datetime.now(UTC) - newest < RESEND_INTERVAL):
+        outbox_id = queue_mail(user, kind) if user is not None else None
+        if outbox_id is None:
             db.session.rollback()
             return
-        outbox_id = mail.queue(user, kind)
         db.session.commit()
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()
@@ -178,17 +250,23 @@ def request_mail(email: object, kind: str = VERIFY) -> None:
 
 
 def compose(user: User, kind: str) -> EmailMessage | None:
-    """The mail of ``kind`` for ``user`` with a fresh link; None when it is no longer needed (confirmed)."""
+    """The mail of ``kind`` for ``user`` with a fresh link, whose row is added to the session (``mail.send``
+    commits it with its claim, before the mail leaves); None when it is no longer needed (confirmed)."""
     if user.email_verified_at is not None or user.clerk_user_id is None:
         return None
+    link = new_link(user)
     values: dict[str, Any] = {
-        "link": link_for(user),
+        "link": link,
         "again": kind == VERIFY_AGAIN,
         "hours": int(LINK_LIFETIME.total_seconds() // 3600),
         "ttl_hours": current_app.config["IRIS_UNVERIFIED_TTL_HOURS"],
         "public_url": current_app.config["IRIS_PUBLIC_URL"],
     }
-    subject = "Is this your Iris account? Confirm your email address"
+    subject = (
+        "Someone tried to sign up with your address: remove the account if it is not yours"
+        if kind == VERIFY_AGAIN
+        else "Is this your Iris account? Confirm your email address"
+    )
     text = render_template("mail/verify_email.txt", **values)
     html = render_template("mail/verify_email.html", **values)
     return mail.message(user.email, subject, text, html)
@@ -235,3 +313,97 @@ def _primary_address_id(clerk_user: dict[str, Any]) -> str:
     if not isinstance(address_id, str):
         raise AuthProviderError()  # a user without its address: as unusable as an unreadable answer
     return address_id
+
+
+def _find(token: str) -> tuple[State, User | None, EmailVerificationLink | None]:
+    """The state ``token`` leads to, with its account (when live) and link row, both detached from the
+    session, whose transaction is ended (no connection held once this returns)."""
+    if not isinstance(token, str) or len(token) not in TOKEN_LENGTHS:
+        return "invalid", None, None
+    with database_errors():
+        link = db.session.execute(
+            sa.select(EmailVerificationLink).where(EmailVerificationLink.token_sha256 == _token_sha256(token))
+        ).scalar_one_or_none()
+        user = None
+        if link is not None:
+            user = db.session.execute(
+                sa.select(User).where(User.id == link.user_id, User.clerk_user_id.is_not(None))
+            ).scalar_one_or_none()  # live rows only
+        for row in (link, user):
+            if row is not None:
+                db.session.expunge(row)  # readable after the rollback without another round trip
+        db.session.rollback()
+    if link is None:
+        return "invalid", None, None
+    if link.used_at is not None:  # used: says what became of the account, and does nothing
+        return ("confirmed" if user is not None and user.email_verified_at else "removed"), None, link
+    if _aware(link.expires_at) <= datetime.now(UTC):
+        return "expired", None, link
+    if user is None or not hmac.compare_digest(link.email_hmac, _email_hmac(user.email)):
+        return "removed", None, link
+    return ("confirmed" if user.email_verified_at is not None else "open"), user, link
+
+
+def _count_password_check(user_id: uuid.UUID) -> uuid.UUID:
+    """Record one password check for the account, committed before Clerk is asked, or raise ``RateLimited``
+    (with the seconds until the oldest check leaves the window) when it has had ``WRONG_PASSWORD_LIMIT``
+    within ``WRONG_PASSWORD_WINDOW``. Checks of one account are counted one at a time (its row is locked),
+    so concurrent tries cannot all slip under the bound. Returns the check's id."""
+    now = datetime.now(UTC)
+    with database_errors():
+        db.session.execute(sa.select(User.id).where(User.id == user_id).with_for_update())
+        db.session.execute(
+            sa.delete(VerificationAttempt).where(
+                VerificationAttempt.user_id == user_id,
+                VerificationAttempt.created_at <= now - WRONG_PASSWORD_WINDOW,
+            )
+        )
+        recent = (
+            db.session.execute(
+                sa.select(VerificationAttempt.created_at)
+                .where(VerificationAttempt.user_id == user_id)
+                .order_by(VerificationAttempt.created_at)
+            )
+            .scalars()
+            .all()
+        )
+        if len(recent) >= WRONG_PASSWORD_LIMIT:
+            db.session.commit()  # the pruning
+            wait = _aware(recent[0]) + WRONG_PASSWORD_WINDOW - now
+            log.warning("account %s: too many password checks on the verification page", user_id)
+            raise RateLimited(retry_after=max(1, int(wait.total_seconds()) + 1))
+        attempt_id = uuid.uuid4()
+        db.session.add(VerificationAttempt(id=attempt_id, user_id=user_id, created_at=now))
+        db.session.commit()
+    return attempt_id
+
+
+def _forget_password_check(attempt_id: uuid.UUID) -> None:
+    """Take back a check Clerk never answered. Best effort: left in place, it only counts one try too many."""
+    try:
+        db.session.execute(sa.delete(VerificationAttempt).where(VerificationAttempt.id == attempt_id))
+        db.session.commit()
+    except DATABASE_UNREACHABLE:
+        db.session.rollback()
+
+
+def _use(link_id: uuid.UUID, now: datetime) -> None:
+    db.session.execute(
+        sa.update(EmailVerificationLink)
+        .where(EmailVerificationLink.id == link_id, EmailVerificationLink.used_at.is_(None))
+        .values(used_at=now)
+    )
+
+
+def _token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _email_hmac(email: str) -> str:
+    key = current_app.config["SECRET_KEY"]
+    key_bytes = key if isinstance(key, bytes) else str(key).encode()
+    return hmac.new(key_bytes, EMAIL_HMAC_CONTEXT + email.encode(), hashlib.sha256).hexdigest()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite: naive UTC

@@ -11,12 +11,18 @@ import logging
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from flask import Blueprint, current_app, g, redirect, render_template, session, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from sqlalchemy.exc import SQLAlchemyError
 
 from iris import accounts, auth, metrics, registration, verification
 from iris.errors import EmailTaken, IrisError, ValidationFailed
-from iris.extensions import db, limiter, register_limit, verification_email_limit
+from iris.extensions import (
+    db,
+    limiter,
+    register_limit,
+    verification_email_limit,
+    verify_password_limit,
+)
 from iris.forms import ConfirmForm, NewLinkForm, SignupForm, VerifyEmailForm
 from iris.models import DEFAULT_ROLE, RESTAURANT, User
 
@@ -123,24 +129,48 @@ def signup_done():
     return render_template("signup_done.html", email=email, verification_required=verification.required())
 
 
-# HTTP status of the verification page for each state of its link.
-LINK_STATUS = {"open": 200, "confirmed": 200, "removed": 200, "expired": 410, "invalid": 404}
+# HTTP status of the verification page for each state of its link (and for a wrong password).
+LINK_STATUS = {
+    "open": 200,
+    "confirmed": 200,
+    "removed": 200,
+    "expired": 410,
+    "invalid": 404,
+    "wrong_password": 422,
+}
+
+
+def removing() -> bool:
+    """Whether this POST is "this wasn't me": it needs no password, so the wrong-password limit spares it."""
+    return "remove" in request.form
 
 
 @bp.route("/verify-email/<token>", methods=["GET", "POST"])
+@limiter.limit(
+    verify_password_limit,
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == LINK_STATUS["wrong_password"],
+    exempt_when=removing,
+)
 def verify_email(token: str):
-    """The link from a verification mail. GET only says what the two buttons do and changes nothing (a link
-    scanner may open it); a POST (CSRF-checked) confirms the address or removes the account
-    (``iris.verification``). Clerk failing is the 503 error page, with nothing changed. An expired, used or
+    """The link from a verification mail. GET only says what the two choices do and changes nothing (a link
+    scanner may open it); a POST (CSRF-checked) confirms the address, which takes the account's password
+    (checked by Clerk), or removes the account ("this wasn't me", no password) (``iris.verification``).
+    A wrong password re-renders the page (422) and confirms nothing; wrong passwords are limited per client
+    IP (RATELIMIT_VERIFY_PASSWORD, counted only for wrong ones) and per account (429 page). The password is
+    never rendered back. Clerk failing is the 503 error page, with nothing changed. An expired, used or
     tampered link gets a page saying so, with a form to ask for a new mail. The token never reaches a log
     (``iris.observability.loggable_path``)."""
     form = VerifyEmailForm()
+    state, _ = verification.look_up(token)
     acted = False
-    if form.validate_on_submit():
-        state = verification.remove(token) if form.remove.data else verification.confirm(token)
-        acted = True
-    else:
-        state, _ = verification.look_up(token)
+    if state == "open" and form.validate_on_submit():
+        # Acted on only while open: pressing a button on a used, expired or unknown link just says so.
+        if form.remove.data:
+            state = verification.remove(token)
+        else:
+            state = verification.confirm(token, form.password.data or "")
+        acted = state in ("confirmed", "removed")
     return render_template(
         "verify_email.html", state=state, acted=acted, form=form, new_link_form=NewLinkForm()
     ), LINK_STATUS[state]

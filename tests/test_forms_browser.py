@@ -63,6 +63,10 @@ def fill_nothing(page: Page) -> None:
     pass
 
 
+def fill_password(page: Page) -> None:
+    page.get_by_label("Your Iris password").fill(PASSWORD)
+
+
 def registered_in_the_browser(web: MailingSite) -> tuple[str, str]:
     """A new account made on the sign-up page of the stack: its email and the path of the link the stack
     mailed to it (the link itself is on the stack's IRIS_PUBLIC_URL, https://iris.test)."""
@@ -129,7 +133,7 @@ def a_deactivated_accounts_reactivation(web: MailingSite) -> str:
 
 
 CONFIRM = "Yes, this is my account"
-REMOVE = "I did not sign up: remove it"
+REMOVE = "This wasn't me: remove the account"
 
 
 # Every URL rule outside /api/ that accepts a CSRF-checked method, by rule.
@@ -137,7 +141,7 @@ FORM_PAGES: Mapping[str, FormPage] = MappingProxyType(
     {
         "/signup": FormPage(path=lambda web: "/signup", fill=fill_signup),
         "/verify-email": FormPage(path=lambda web: "/verify-email", fill=fill_new_link),
-        "/verify-email/<token>": FormPage(path=an_open_link, fill=fill_nothing, button=CONFIRM),
+        "/verify-email/<token>": FormPage(path=an_open_link, fill=fill_password, button=CONFIRM),
         "/account/delete": FormPage(
             path=lambda web: "/account/delete",
             fill=fill_nothing,
@@ -292,7 +296,7 @@ def press(page: Page, button: str) -> int:
     return posted.value.status
 
 
-def test_a_mailed_link_opened_in_the_browser_and_confirmed_confirms_the_account(
+def test_a_mailed_link_opened_in_the_browser_confirms_only_with_the_accounts_password(
     web, page, admin_engine, standin
 ):
     email, path = registered_in_the_browser(web)
@@ -300,10 +304,23 @@ def test_a_mailed_link_opened_in_the_browser_and_confirmed_confirms_the_account(
     assert opened is not None and opened.status == 200
     assert page.get_by_role("heading", level=1).inner_text() == "Is this your account?"
     assert page.locator("form[method=post] [type=submit]").count() == 2
+    assert "If you did not choose a password on Iris, this account is not yours" in page.inner_text("main")
     screenshot(page, "verify-email-open.png")
     assert account_state(admin_engine, web.schema, email).email_verified_at is None  # opening changed nothing
 
-    assert press(page, CONFIRM) == 200, page.content()
+    page.get_by_label("Your Iris password").fill("not the password at all")
+    assert press(page, CONFIRM) == 422, page.content()
+    assert page.get_by_role("heading", level=2, name="Nothing was confirmed").is_visible()
+    assert page.get_by_label("Your Iris password").input_value() == ""  # the typed password is not sent back
+    assert "not the password at all" not in page.content()
+    screenshot(page, "verify-email-wrong-password.png")
+    assert account_state(admin_engine, web.schema, email).email_verified_at is None
+    [user] = clerk_users_with(standin, email)
+    assert user["email_addresses"][0]["verification"]["status"] == "unverified"
+
+    page.get_by_label("Your Iris password").fill(PASSWORD)
+    page.get_by_label("Your Iris password").press("Enter")  # Enter in the field confirms, never removes
+    page.wait_for_load_state()
     assert page.get_by_role("heading", level=1).inner_text() == "Your email address is confirmed"
     screenshot(page, "verify-email-confirmed.png")
     row = account_state(admin_engine, web.schema, email)
@@ -312,7 +329,9 @@ def test_a_mailed_link_opened_in_the_browser_and_confirmed_confirms_the_account(
     assert user["email_addresses"][0]["verification"]["status"] == "verified"
 
 
-def test_i_did_not_sign_up_pressed_in_the_browser_removes_the_account(web, page, admin_engine, standin):
+def test_this_wasnt_me_pressed_in_the_browser_removes_the_account_without_a_password(
+    web, page, admin_engine, standin
+):
     email, path = registered_in_the_browser(web)
     opened = page.goto(web.url + path)
     assert opened is not None and opened.status == 200

@@ -71,7 +71,7 @@ def test_registration_mails_a_link_whose_visit_changes_nothing_and_whose_button_
     assert page.status_code == 200 and "Is this your account?" in page.get_data(as_text=True)
     assert verified_at(app) is None  # a scanner's GET changes nothing
 
-    done = client.post(path, data={"confirm": "1"})
+    done = client.post(path, data={"confirm": "1", "password": PASSWORD})
     assert done.status_code == 200, done.get_data(as_text=True)
     assert verified_at(app) is not None
     assert clerk_verification(standin) == "verified"
@@ -214,12 +214,12 @@ def test_confirm_while_clerk_fails_is_503_changes_nothing_here_and_a_retry_confi
     [row] = rows(app)
     standin.control.add_fault(method="PATCH", path="/v1/email_addresses/", times=1, **CONFIRM_FAULTS[fault])
 
-    failed = client.post(path, data={"confirm": "1"})
+    failed = client.post(path, data={"confirm": "1", "password": PASSWORD})
     assert failed.status_code == 503, failed.get_data(as_text=True)
     assert verified_at(app) is None
     assert "Is this your account?" in client.get(path).get_data(as_text=True)  # still open
 
-    done = client.post(path, data={"confirm": "1"})
+    done = client.post(path, data={"confirm": "1", "password": PASSWORD})
     assert done.status_code == 200, done.get_data(as_text=True)
     assert "Thank you: your address is confirmed." in done.get_data(as_text=True)
     assert verified_at(app) is not None
@@ -318,7 +318,7 @@ def test_a_mail_the_server_refused_waits_in_the_outbox_and_reconcile_sends_it_la
     assert row["sent_at"] is not None
 
     path = link_in(message)
-    done = client.post(path, data={"confirm": "1"})
+    done = client.post(path, data={"confirm": "1", "password": PASSWORD})
     assert done.status_code == 200, done.get_data(as_text=True)
     assert verified_at(app) is not None
 
@@ -355,7 +355,7 @@ def test_the_password_is_in_no_mail_outbox_row_or_log_record_and_the_token_in_no
     tokens = [link_in(message).rsplit("/", 1)[1] for message in smtp.messages]
     path = link_in(smtp.messages[-1])
     assert client.get(path).status_code == 200  # the links reach the request log too
-    assert client.post(path, data={"confirm": "1"}).status_code == 200
+    assert client.post(path, data={"confirm": "1", "password": password}).status_code == 200
 
     for raw, message in zip(smtp.raw, smtp.messages, strict=True):
         assert password.encode() not in raw
@@ -409,7 +409,7 @@ def test_the_new_link_answer_is_the_same_for_unknown_confirmed_and_unconfirmed_a
     unconfirmed, confirmed = "waiting@bistro.example", "done@bistro.example"
     registered_link(app, smtp, unconfirmed)
     confirm_path = registered_link(app, smtp, confirmed)
-    assert client.post(confirm_path, data={"confirm": "1"}).status_code == 200
+    assert client.post(confirm_path, data={"confirm": "1", "password": PASSWORD}).status_code == 200
     backdate_outbox(app)  # past the resend interval: only the unconfirmed address may get a mail
     before = len(smtp.messages)
 
