@@ -9,16 +9,16 @@ be used to try passwords quickly from many client addresses; it holds who and wh
 this migration stop working (their page offers a new one). Creating tables needs no table rebuild on SQLite,
 so the users table keeps its updated_at trigger.
 
-Revision ID: 0006_verification_links
-Revises: 0005_account_lifecycle
+Revision ID: 0007_verification_links
+Revises: 0006_instance_mark
 Create Date: 2026-12-20
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_verification_links"
-down_revision = "0005_account_lifecycle"
+revision = "0007_verification_links"
+down_revision = "0006_instance_mark"
 branch_labels = None
 depends_on = None
 
