@@ -321,6 +321,8 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
         return ValidationFailed(
             details=[field_error("email", "invalid_email", "Enter a valid email address.")]
         )
+    if code == "incorrect_password":  # verify_password's expected "no": not worth an error line
+        return ClerkRefused(status)
     log.error("clerk answered %s %s; treating it as unusable", status, code or "(no code)")
     return ClerkRefused(status)
 
@@ -348,3 +350,25 @@ def _seconds(value: str | None) -> int | None:
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
+
+
+def verify_password(clerk_user_id: str, password: str) -> bool:
+    """Whether ``password`` is the Clerk user's password (``POST /v1/users/{id}/verify_password``): True on
+    200, False on 422 (``incorrect_password``, or a user with no password). Raises the usual errors
+    otherwise: ``NotFoundAtClerk`` (no such user), ``RateLimited``, ``AuthProviderUnavailable``,
+    ``AuthProviderError``. The password is sent to Clerk only, never logged.
+    """
+    try:
+        answer = _call(
+            "POST",
+            f"/users/{clerk_user_id}/verify_password",
+            json={"password": password},
+            path_template="/users/{id}/verify_password",
+        )
+    except ClerkRefused as error:
+        if error.status == 422:
+            return False
+        raise
+    if not isinstance(answer, dict) or answer.get("verified") is not True:
+        raise AuthProviderError()
+    return True
