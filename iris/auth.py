@@ -50,7 +50,7 @@ from iris.errors import (
     Unauthorized,
     UserNotFound,
 )
-from iris.extensions import db
+from iris.extensions import db, limiter
 from iris.models import ADMIN, User
 from iris.tokens import verify_token
 
@@ -285,3 +285,10 @@ def user_visible_to(viewer: User, user_id: uuid.UUID) -> User | None:
     if viewer.role != ADMIN:
         return None
     return db.session.scalar(sa.select(User).where(User.id == user_id, User.clerk_user_id.is_not(None)))
+
+
+# For the views of the pages that ask for a password: at most ``wrong_password_limit`` wrong ones per client
+# IP, counted together on every such page; a request over the limit is the 429 page, before Clerk is asked.
+wrong_passwords_limited = limiter.shared_limit(
+    wrong_password_limit, scope="wrong_password", methods=["POST"], deduct_when=wrong_password
+)

@@ -19,6 +19,7 @@ session does not give, signed by its control API with its current key. Real Post
 from __future__ import annotations
 
 import uuid
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -43,21 +44,22 @@ from tests.helpers import (
 EVIL = "https://evil.example"
 SIBLING = "https://evil.iris.test"  # a sibling subdomain: SameSite=Lax does not stop it
 OWN = "https://iris.test"  # IRIS_PUBLIC_URL in the tests' app
-CLERK_ERROR = {
-    "type": "forbidden",
-    "reason": "reverification-error",
-    "metadata": {"reverification": "strict"},
-}
+# Clerk's own body for a failed step-up, as clerk-js's useReverification() recognises it.
+CLERK_ERROR = MappingProxyType(
+    {"type": "forbidden", "reason": "reverification-error", "metadata": {"reverification": "strict"}}
+)
 IMPERSONATOR = "user_2impersonatorFromTheDashboard"
 
 # State-changing API routes that never authenticate anyone, so no cookie can authorise them; each with why.
 # Every other state-changing /api/ route must refuse a cross-origin cookie request.
-NOT_AUTHENTICATED = {
-    ("POST", "/api/v1/auth/register"): "creates an account from the body; no session is read",
-    ("POST", "/api/v1/auth/verification-email"): "answers the same whoever asks; no session is read",
-    ("POST", "/api/v1/webhooks/clerk"): "Clerk's Svix signature over the body is the credential",
-}
-STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+NOT_AUTHENTICATED = MappingProxyType(
+    {
+        ("POST", "/api/v1/auth/register"): "creates an account from the body; no session is read",
+        ("POST", "/api/v1/auth/verification-email"): "answers the same whoever asks; no session is read",
+        ("POST", "/api/v1/webhooks/clerk"): "Clerk's Svix signature over the body is the credential",
+    }
+)
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def token(standin, sub: str, **changes: Any) -> str:
@@ -166,17 +168,19 @@ def test_an_authorized_party_is_iris_own_origin_too(make_app, standin):
 
 # ---- destructive acts need a recent sign-in
 
-STALE = {
-    "seven-days": {"fva": [10080, -1]},
-    "just-over": {"fva": [10, -1]},
-    "absent": {"fva": None},
-    "never": {"fva": [-1, -1]},
-    "not-a-list": {"fva": "0"},
-    "empty": {"fva": []},
-    "boolean": {"fva": [False, -1]},
-    "fraction": {"fva": [0.5, -1]},
-    "negative": {"fva": [-5, -1]},
-}
+STALE = MappingProxyType(
+    {
+        "seven-days": {"fva": [10080, -1]},
+        "just-over": {"fva": [10, -1]},
+        "absent": {"fva": None},
+        "never": {"fva": [-1, -1]},
+        "not-a-list": {"fva": "0"},
+        "empty": {"fva": []},
+        "boolean": {"fva": [False, -1]},
+        "fraction": {"fva": [0.5, -1]},
+        "negative": {"fva": [-5, -1]},
+    }
+)
 
 
 def destructive_requests(admin: dict, owner: dict) -> dict[str, tuple[str, str, dict]]:
