@@ -67,7 +67,10 @@ def _register_blueprints(app: Flask) -> None:
     from iris.extensions import csrf, limiter
 
     app.register_blueprint(api.bp)
-    csrf.exempt(api.bp)  # the JSON API is not cookie-authenticated for writes; forms keep CSRF
+    # No form tokens in the JSON API: it accepts the __session cookie too, so iris.auth refuses a
+    # state-changing API request authorised by the cookie alone unless its Origin is Iris's own (403
+    # csrf_failed); Bearer requests cannot be forged by another site. Pages keep Flask-WTF's CSRF tokens.
+    csrf.exempt(api.bp)
     app.register_blueprint(webhooks.bp)
     csrf.exempt(webhooks.bp)
     limiter.exempt(webhooks.bp)  # Svix signs its requests; a limit would only multiply its retries

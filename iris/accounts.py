@@ -22,6 +22,11 @@ Guarantees (tests/test_account_lifecycle.py proves each end to end, against the 
   admin or demoting a restaurant account changes nothing and says so.
 - **Audited in the same transaction.** Every change to a row is recorded in ``audit_events`` (append-only)
   by the transaction that makes it: no change without its record, no record without its change.
+- **Impersonation is named.** An admin write made under impersonation (a session token with an ``act``
+  claim: someone in Clerk's dashboard signed in as the admin) is recorded with both actors: ``actor_id`` is
+  the admin whose account and role were used, and ``actor_name`` is ``impersonator:<act.sub>``, the Clerk
+  dashboard user who really pressed the button (``iris.auth.audit_actor_name``). Keeping the admin's id means
+  "everything done with this admin's authority" is still one query; ``actor_name`` says it was not them.
 - **No connection held while Clerk works**: each function ends its transaction before calling Clerk.
 - An admin cannot deactivate their own account (409 ``cannot_deactivate_self``). Roles change only from the
   command line, so no admin can demote themselves or promote anyone through the API or the pages.
@@ -269,9 +274,10 @@ def delete_own_account(user: User) -> None:
     log.info("account %s deleted by its owner", user_id)
 
 
-def deactivate(admin: User, account: User) -> User:
+def deactivate(admin: User, account: User, *, actor_name: str | None = None) -> User:
     """An admin deactivates ``account``: the Clerk user is banned (its sessions end, it cannot sign in), then
-    the row soft-deleted and ``deactivated`` recorded. Returns the account as it is now.
+    the row soft-deleted and ``deactivated`` recorded (with ``actor_name`` beside the admin's id when given:
+    ``impersonator:<sub>``). Returns the account as it is now.
 
     Raises ``CannotDeactivateSelf`` for the admin's own account, the Clerk errors when the ban could not be
     made (nothing changed here), ``DatabaseUnavailable`` when the row could not be written after the ban (a
@@ -284,14 +290,15 @@ def deactivate(admin: User, account: User) -> User:
     db.session.rollback()
     with contextlib.suppress(NotFoundAtClerk):  # the Clerk user is gone: it cannot sign in either way
         _change_at_clerk(clerk.ban_user, clerk_user_id, banned=True)
-    if _soft_delete(account_id, "deactivated", actor_id=admin_id):
-        log.info("account %s deactivated by admin %s", account_id, admin_id)
+    if _soft_delete(account_id, "deactivated", actor_id=admin_id, actor_name=actor_name):
+        log.info("account %s deactivated by admin %s%s", account_id, admin_id, _as(actor_name))
     return _reload(account_id)
 
 
-def reactivate(admin: User, account: User) -> User:
+def reactivate(admin: User, account: User, *, actor_name: str | None = None) -> User:
     """An admin reactivates ``account``: one transaction checks that no live row has its email and undeletes
-    it, recording ``reactivated``; then the Clerk user is unbanned. Returns the account as it is now.
+    it, recording ``reactivated`` (with ``actor_name`` beside the admin's id when given, as ``deactivate``);
+    then the Clerk user is unbanned. Returns the account as it is now.
 
     Raises ``EmailTaken`` (another live row has the email; nothing changed), ``ClerkUserDeleted`` (the Clerk
     user no longer exists; the account stays deactivated), or the Clerk error when the unban failed: then the
@@ -306,17 +313,18 @@ def reactivate(admin: User, account: User) -> User:
     if deleted_at is not None:
         if clerk.get_user(clerk_user_id) is None:
             raise ClerkUserDeleted()
-        undeleted = _undelete(account_id, email, admin_id)
+        undeleted = _undelete(account_id, email, admin_id, actor_name)
     try:
         _change_at_clerk(clerk.unban_user, clerk_user_id, banned=False)
     except IrisError as error:
         gone = isinstance(error, NotFoundAtClerk)
         if undeleted or gone:  # a live row must not point at a Clerk user that is gone or still banned
-            _soft_delete(account_id, "reactivation_undone", actor_id=admin_id, deleted_at=deleted_at)
+            undone = "reactivation_undone"
+            _soft_delete(account_id, undone, actor_id=admin_id, actor_name=actor_name, deleted_at=deleted_at)
             log.warning("account %s: reactivation undone, the unban failed (%s)", account_id, error.code)
         raise (ClerkUserDeleted() if gone else error) from None
     if undeleted:
-        log.info("account %s reactivated by admin %s", account_id, admin_id)
+        log.info("account %s reactivated by admin %s%s", account_id, admin_id, _as(actor_name))
     return _reload(account_id)
 
 
@@ -401,8 +409,18 @@ def _change_at_clerk(call: Any, clerk_user_id: str, *, banned: bool) -> None:
             raise
 
 
+def _as(actor_name: str | None) -> str:
+    """`` (impersonator:...)`` for a log line when someone else acted in the admin's name, else nothing."""
+    return f" ({actor_name})" if actor_name else ""
+
+
 def _soft_delete(
-    account_id: uuid.UUID, action: str, *, actor_id: uuid.UUID, deleted_at: datetime | None = None
+    account_id: uuid.UUID,
+    action: str,
+    *,
+    actor_id: uuid.UUID,
+    actor_name: str | None = None,
+    deleted_at: datetime | None = None,
 ) -> bool:
     """Soft-delete the row if live (at ``deleted_at``, default now) and record ``action``, in one
     transaction; True when the row changed. Any database failure becomes ``DatabaseUnavailable`` (503): it
@@ -414,7 +432,7 @@ def _soft_delete(
             .values(deleted_at=deleted_at or datetime.now(UTC))
         ).rowcount
         if changed:
-            _record(action, account_id, actor_id=actor_id)
+            _record(action, account_id, actor_id=actor_id, actor_name=actor_name)
         db.session.commit()
     except SQLAlchemyError as error:
         db.session.rollback()
@@ -428,7 +446,7 @@ def _soft_delete(
     return bool(changed)
 
 
-def _undelete(account_id: uuid.UUID, email: str, admin_id: uuid.UUID) -> bool:
+def _undelete(account_id: uuid.UUID, email: str, admin_id: uuid.UUID, actor_name: str | None) -> bool:
     """In one transaction: refuse when a live row (a pending registration included) has ``email``, else
     undelete the row and record ``reactivated``. True when this call undeleted it."""
     try:
@@ -440,7 +458,7 @@ def _undelete(account_id: uuid.UUID, email: str, admin_id: uuid.UUID) -> bool:
             sa.update(User).where(User.id == account_id, User.deleted_at.is_not(None)).values(deleted_at=None)
         ).rowcount
         if changed:
-            _record("reactivated", account_id, actor_id=admin_id)
+            _record("reactivated", account_id, actor_id=admin_id, actor_name=actor_name)
         db.session.commit()
     except IntegrityError:  # the email was taken between the check and the update (uq_users_email_live)
         db.session.rollback()

@@ -21,7 +21,7 @@ from iris.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from iris.forms import ConfirmForm
+from iris.forms import PasswordConfirmForm
 from iris.models import ROLES, User
 from iris.web import signed_in_user
 
@@ -99,34 +99,48 @@ def user(user_id: uuid.UUID):
 
 
 @bp.route("/users/<uuid:user_id>/deactivate", methods=["GET", "POST"])
+@auth.wrong_passwords_limited
 def deactivate(user_id: uuid.UUID):
     """The confirmation step of deactivating (``confirm``). Your own account cannot be: the 409 page."""
     return confirm(user_id, "deactivate")
 
 
 @bp.route("/users/<uuid:user_id>/reactivate", methods=["GET", "POST"])
+@auth.wrong_passwords_limited
 def reactivate(user_id: uuid.UUID):
     """The confirmation step of reactivating (``confirm``)."""
     return confirm(user_id, "reactivate")
 
 
 def confirm(user_id: uuid.UUID, action: str):
-    """GET says what will happen and changes nothing; the POST (CSRF-checked) does it and redirects (303) to
-    the account's page. A refusal (the email taken meanwhile, the Clerk user gone) is shown on this page
-    (409); Clerk or the database failing is the 503 page, and pressing the button again completes it."""
+    """GET says what will happen and changes nothing; the POST (CSRF-checked) must carry the admin's own
+    password, which Clerk checks (``auth.confirm_password``: the pages' recent sign-in), then does it and
+    redirects (303) to the account's page. A missing or wrong password re-renders the page with 422 and
+    does nothing (wrong ones rate-limited per client IP). An admin whose address is not confirmed gets the
+    403 page (``auth.require_confirmed``). A refusal (the email taken meanwhile, the Clerk user gone) is
+    shown on this page (409); Clerk or the database failing is the 503 page, and pressing the button again
+    completes it. Under impersonation the change is audited as the impersonator's (``auth.audit_actor_name``).
+    """
     admin = signed_in_admin()
+    auth.require_confirmed(admin)
     account = account_or_404(user_id)
     if action == "deactivate" and account.id == admin.id:
         raise CannotDeactivateSelf()
     heading, button, operation = ACTIONS[action]
-    form = ConfirmForm()
+    form = PasswordConfirmForm()
     problem = None
+    status = 200
     if form.validate_on_submit():
         email = account.email
         try:
-            operation(admin, account)
+            auth.confirm_password(admin, form.password.data)
+            operation(admin, account, actor_name=auth.audit_actor_name())
+        except ValidationFailed as refused:
+            form.password.errors = [detail["message"] for detail in refused.details]
+            status = 422
         except (EmailTaken, ClerkUserDeleted) as error:
             problem = error.message
+            status = 409
             account = account_or_404(user_id)
         else:
             flash(f"{email} is {action}d.")
@@ -139,4 +153,4 @@ def confirm(user_id: uuid.UUID, action: str):
         button=button,
         form=form,
         problem=problem,
-    ), (409 if problem else 200)
+    ), status

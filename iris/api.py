@@ -138,7 +138,13 @@ def get_user(user_id: uuid.UUID):
 @bp.delete("/users/me")
 @auth.require_user
 def delete_me():
-    """Delete your own account (204): the Clerk user first, then the row (``accounts.delete_own_account``)."""
+    """Delete your own account (204): the Clerk user first, then the row (``accounts.delete_own_account``).
+
+    Only the person, recently signed in: an impersonation is 403 ``forbidden``, a sign-in older than
+    IRIS_REVERIFY_MINUTES 403 ``reverification_required``; nothing changes then. An unconfirmed account
+    may delete itself."""
+    auth.refuse_impersonation()
+    auth.require_recent_sign_in()
     accounts.delete_own_account(g.user)
     return "", 204
 
@@ -159,7 +165,7 @@ def list_users():
 @auth.require_user
 def deactivate_user(user_id: uuid.UUID):
     """Admins only: ban at Clerk, then soft-delete here (``accounts.deactivate``); the account after."""
-    account = accounts.deactivate(g.user, administered_account(user_id))
+    account = accounts.deactivate(g.user, administered_account(user_id), actor_name=auth.audit_actor_name())
     return accounts.account_json(account, current_app.config["IRIS_TIMEZONE"])
 
 
@@ -167,14 +173,22 @@ def deactivate_user(user_id: uuid.UUID):
 @auth.require_user
 def reactivate_user(user_id: uuid.UUID):
     """Admins only: undelete here, then unban at Clerk (``accounts.reactivate``); the account after."""
-    account = accounts.reactivate(g.user, administered_account(user_id))
+    account = accounts.reactivate(g.user, administered_account(user_id), actor_name=auth.audit_actor_name())
     return accounts.account_json(account, current_app.config["IRIS_TIMEZONE"])
 
 
 def administered_account(user_id: uuid.UUID) -> User:
-    """The complete account ``user_id`` (live or deactivated) for an admin; 404 ``not_found`` for anyone
-    else, and for an unknown id or a pending registration."""
-    account = accounts.find_account(user_id) if auth.is_admin(g.user) else None
+    """The complete account ``user_id`` (live or deactivated) for an admin about to change it.
+
+    In this order: anyone but an admin gets 404 ``not_found`` (the admin API is not there for them); an admin
+    whose address is not confirmed 403 ``email_unverified``; a sign-in older than IRIS_REVERIFY_MINUTES 403
+    ``reverification_required``; an unknown id or a pending registration 404. Under impersonation the write
+    goes ahead, audited as the impersonator's (``auth.audit_actor_name``)."""
+    if not auth.is_admin(g.user):
+        abort(404)
+    auth.require_confirmed(g.user)
+    auth.require_recent_sign_in()
+    account = accounts.find_account(user_id)
     if account is None:
         abort(404)
     return account

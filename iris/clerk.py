@@ -149,7 +149,7 @@ def set_email_verified(email_address_id: str, verified: bool) -> dict[str, Any]:
     )
 
 
-class PasswordIncorrect(ClerkRefused):
+class IncorrectPasswordAnswer(ClerkRefused):
     """Clerk answered 422 ``incorrect_password``: an expected answer (``verify_password`` returns False), not
     an unusable one, so it is neither logged as an error nor counted as one."""
 
@@ -169,7 +169,7 @@ def verify_password(clerk_user_id: str, password: str) -> bool:
             json={"password": password},
             path_template="/users/{id}/verify_password",
         )
-    except PasswordIncorrect:
+    except IncorrectPasswordAnswer:
         return False
     if not isinstance(answer, dict) or answer.get("verified") is not True:
         raise AuthProviderError()
@@ -368,7 +368,7 @@ def _error_kind(status: int, error: IrisError) -> str | None:
         return "rate_limited"
     if status >= 500:
         return "server_error"
-    if isinstance(error, ClerkRefused) and not isinstance(error, (NotFoundAtClerk, PasswordIncorrect)):
+    if isinstance(error, ClerkRefused) and not isinstance(error, (NotFoundAtClerk, IncorrectPasswordAnswer)):
         return "refused"
     return None
 
@@ -393,7 +393,7 @@ def _error_for(status: int, body: Any, retry_after: str | None) -> IrisError:
             details=[field_error("password", PASSWORD_CODES.get(code, "password_rejected"), message)]
         )
     if code == "incorrect_password":
-        return PasswordIncorrect(status)
+        return IncorrectPasswordAnswer(status)
     if code == "form_param_format_invalid" and _param(first) == "email_address":
         return ValidationFailed(
             details=[field_error("email", "invalid_email", "Enter a valid email address.")]

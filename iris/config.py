@@ -237,6 +237,10 @@ def _positive_whole_number(name: str, value: str) -> int:
     return _whole_number(name, value, minimum=1)
 
 
+def _non_negative_whole_number(name: str, value: str) -> int:
+    return _whole_number(name, value, minimum=0)
+
+
 def _signup_roles(name: str, value: str) -> list[str]:
     roles = _list(name, value)
     unknown = [role for role in roles if role not in SIGNUP_ROLES]
@@ -314,6 +318,9 @@ ENVIRONMENT: dict[str, Setting] = {
     # Links in mails are built from this origin, never from a request's Host.
     "IRIS_PUBLIC_URL": Setting("IRIS_PUBLIC_URL", None, _public_url, required=_verification_required),
     "IRIS_UNVERIFIED_TTL_HOURS": Setting("IRIS_UNVERIFIED_TTL_HOURS", 168, _positive_whole_number),
+    # How recent a sign-in (the token's fva[0], minutes since the first factor) deleting an account and admin
+    # writes need (iris.auth.require_recent_sign_in); 0 switches the check off.
+    "IRIS_REVERIFY_MINUTES": Setting("IRIS_REVERIFY_MINUTES", 10, _non_negative_whole_number),
     # SMTP for Iris's own mails (iris.mail); without MAIL_SERVER (development only) mails go to the console.
     "MAIL_SERVER": Setting("MAIL_SERVER", None, required=_verification_required),
     "MAIL_PORT": Setting("MAIL_PORT", 25, _positive_whole_number),

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import sqlalchemy.exc
@@ -38,14 +39,17 @@ class IrisError(Exception):
 
     ``details`` lists field problems (each made by ``field_error``); ``retry_after`` (seconds) becomes a
     ``Retry-After`` header, and a class that always wants one sets its default at class level, so callers
-    just raise it; ``headers`` are added to the response as they are. Messages must never contain a
-    password, token or key.
+    just raise it; ``headers`` are added to the response as they are. ``body_extra`` holds top-level keys
+    the JSON answer carries beside ``"error"`` (another party's format that its own client code reads, such
+    as Clerk's ``clerk_error``); it never replaces ``"error"`` and is left out of HTML pages. Messages must
+    never contain a password, token or key.
     """
 
     status_code = 500
     code = "internal_error"
     message = "Something went wrong on our side. Please try again."
     retry_after: int | None = None
+    body_extra: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def __init__(
         self,
@@ -97,6 +101,68 @@ class Forbidden(IrisError):
     status_code = 403
     code = "forbidden"
     message = "This account has been deleted."
+
+
+class Impersonated(Forbidden):
+    """A token with an ``act`` claim (someone in Clerk's dashboard signed in as this person) asked for
+    something only the person themselves may do, such as deleting the account: refused (403 ``forbidden``),
+    nothing changed."""
+
+    message = (
+        "This session is an impersonation (someone signed in as this account from Clerk's dashboard), and an"
+        " impersonation cannot delete the account. Only the account's owner, signed in themselves, can."
+    )
+
+
+class CsrfFailed(IrisError):
+    """A state-changing API request authorised by the ``__session`` cookie alone, from an origin that is not
+    Iris's own (IRIS_PUBLIC_URL or one of CLERK_AUTHORIZED_PARTIES), or with no ``Origin`` at all: a
+    browser sends the cookie whichever site made it send the request, so the cookie alone is not consent
+    (403; nothing done)."""
+
+    status_code = 403
+    code = "csrf_failed"
+    message = (
+        "This request was not accepted: it carries only the session cookie, and it did not come from an"
+        " origin of this site (the Origin header is missing or foreign). Send the session token as"
+        " 'Authorization: Bearer <token>', or make the request from this site's own pages."
+    )
+
+
+class EmailUnverified(IrisError):
+    """The account has not confirmed its email address yet (IRIS_EMAIL_VERIFICATION=required), and what it
+    asked for acts for it: refused (403), nothing done. Reading itself, asking for a new link and deleting
+    itself stay allowed."""
+
+    status_code = 403
+    code = "email_unverified"
+    message = (
+        "Confirm your email address first: follow the link in the mail we sent you (or ask for a new one)."
+        " Until then this account can be read and deleted, but it cannot act."
+    )
+
+
+# Clerk's own answer to a step-up check that failed, as clerk-js's useReverification() recognises it.
+CLERK_REVERIFICATION_ERROR: dict[str, Any] = {
+    "type": "forbidden",
+    "reason": "reverification-error",
+    "metadata": {"reverification": "strict"},
+}
+
+
+class ReverificationRequired(IrisError):
+    """A destructive act (deleting an account, any admin write) with a sign-in older than
+    IRIS_REVERIFY_MINUTES, or a token that does not say when its first factor was verified (``fva``): refused
+    (403), nothing done. The JSON answer also carries Clerk's own ``clerk_error`` beside the envelope, so
+    clerk-js's ``useReverification()`` asks the person for their password and retries."""
+
+    status_code = 403
+    code = "reverification_required"
+    message = (
+        "This needs a recent sign-in: confirm it is you (enter your password again, or sign in again),"
+        " then retry."
+    )
+    body_extra = MappingProxyType({"clerk_error": CLERK_REVERIFICATION_ERROR})
 
 
 class UserNotFound(IrisError):
@@ -188,6 +254,18 @@ class ValidationFailed(IrisError):
     status_code = 422
     code = "validation_error"
     message = "One or more fields are invalid."
+
+
+class PasswordIncorrect(ValidationFailed):
+    """The password a page asked for, to confirm it is really the account's owner acting, is missing or
+    Clerk did not accept it: 422 on field ``password``, nothing done. The password is never quoted."""
+
+    WRONG = "That is not the password of this account. Nothing was done; try again."
+    MISSING = "Enter your password to confirm it is you."
+
+    def __init__(self, *, missing: bool = False) -> None:
+        code, text = ("required", self.MISSING) if missing else ("incorrect_password", self.WRONG)
+        super().__init__(details=[field_error("password", code, text)])
 
 
 class RateLimited(IrisError):
@@ -312,14 +390,16 @@ def error_response(
     details: list[dict[str, str]] | None = None,
     retry_after: int | None = None,
     headers: dict[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Response:
-    """The error as a JSON envelope under /api/ or as an HTML page elsewhere."""
+    """The error as a JSON envelope under /api/ or as an HTML page elsewhere. ``extra`` adds top-level keys
+    beside ``"error"`` in the JSON (``IrisError.body_extra``); an ``"error"`` key in it is ignored."""
     if wants_json():
         body: dict[str, Any] = {"code": code, "message": message}
         if details:
             body["details"] = details
         body["request_id"] = request_id()
-        response = jsonify(error=body)
+        response = jsonify({**(extra or {}), "error": body})  # "error" last: extra never replaces it
     else:
         response = Response(
             render_template("error.html", status=status, code=code, message=message, retry_after=retry_after),
@@ -342,6 +422,7 @@ def handle_iris_error(error: IrisError) -> Response:
         details=error.details,
         retry_after=error.retry_after,
         headers=error.headers,
+        extra=error.body_extra,
     )
 
 

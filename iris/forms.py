@@ -28,3 +28,11 @@ class NewLinkForm(FlaskForm):
 class ConfirmForm(FlaskForm):
     """A confirmation step: CSRF only. The page's own button says what it confirms (deleting your account,
     deactivating or reactivating one); the rules live in iris.accounts."""
+
+
+class PasswordConfirmForm(ConfirmForm):
+    """A confirmation step that also asks for the person's own password: the pages' step-up for destructive
+    acts (deleting your account, an admin's deactivate or reactivate), which have no clerk-js to reverify
+    the session. The password is checked by Clerk (``iris.auth.confirm_password``) and never sent back."""
+
+    password = PasswordField("Your password", render_kw={"autocomplete": "current-password"})

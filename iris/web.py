@@ -15,7 +15,7 @@ from flask import Blueprint, current_app, g, redirect, render_template, request,
 from sqlalchemy.exc import SQLAlchemyError
 
 from iris import accounts, auth, metrics, registration, verification
-from iris.errors import EmailTaken, IrisError, ValidationFailed
+from iris.errors import EmailTaken, IrisError, NotFoundAtClerk, ValidationFailed
 from iris.extensions import (
     db,
     limiter,
@@ -23,7 +23,7 @@ from iris.extensions import (
     verification_email_limit,
     verify_password_limit,
 )
-from iris.forms import ConfirmForm, NewLinkForm, SignupForm, VerifyEmailForm
+from iris.forms import NewLinkForm, PasswordConfirmForm, SignupForm, VerifyEmailForm
 from iris.models import DEFAULT_ROLE, RESTAURANT, User
 
 log = logging.getLogger(__name__)
@@ -211,21 +211,45 @@ def account():
 
 
 @bp.route("/account/delete", methods=["GET", "POST"])
+@auth.wrong_passwords_limited
 def delete_account():
     """The confirmation step of "Delete my account". GET says what deleting means and changes nothing; the
-    POST (CSRF-checked) deletes the account (``accounts.delete_own_account``: the Clerk user, then the row)
-    and redirects (303) to /account/deleted. Signed out: redirect to /account. Clerk or the database failing
-    is the 503 page; a retry completes."""
+    POST (CSRF-checked) must carry the account's password, which Clerk checks (``auth.confirm_password``: the
+    pages' recent sign-in); then it deletes the account (``accounts.delete_own_account``: the Clerk user,
+    then the row) and redirects (303) to /account/deleted. A missing or wrong password re-renders the page
+    with 422 and does nothing; wrong passwords are rate-limited per client IP (429 page). An impersonation
+    (``act`` claim) gets the 403 page. Signed out: redirect to /account. Clerk or the database failing is
+    the 503 page; a retry completes."""
     user = signed_in_user()
     if user is None:
         return redirect(url_for("web.account"))
-    form = ConfirmForm()
+    auth.refuse_impersonation()
+    form = PasswordConfirmForm()
+    status = 200
     if form.validate_on_submit():
-        email = user.email
-        accounts.delete_own_account(user)
-        session["deleted_email"] = email
-        return redirect(url_for("web.account_deleted"), code=303)
-    return render_template("delete_account.html", user=user, form=form)
+        problems = deletion_password_problems(user, form.password.data)
+        if not problems:
+            email = user.email
+            accounts.delete_own_account(user)
+            session["deleted_email"] = email
+            return redirect(url_for("web.account_deleted"), code=303)
+        form.password.errors = problems
+        status = 422
+    return render_template("delete_account.html", user=user, form=form), status
+
+
+def deletion_password_problems(user: User, password: str | None) -> list[str]:
+    """Why ``password`` does not confirm the deletion of ``user``'s account (empty: it does). Clerk checks it
+    (``auth.confirm_password``). A Clerk user that is gone already counts as confirmed: an earlier press
+    deleted it and then failed on the row, and only the row is left, which Clerk's webhook or reconcile
+    would soft-delete anyway."""
+    try:
+        auth.confirm_password(user, password)
+    except NotFoundAtClerk:
+        log.info("account %s: its Clerk user is gone already; completing the deletion", user.id)
+    except ValidationFailed as refused:
+        return [detail["message"] for detail in refused.details]
+    return []
 
 
 @bp.get("/account/deleted")

@@ -1,11 +1,23 @@
 """Error responses: the JSON envelope under /api/, HTML pages elsewhere, request ids everywhere."""
 
 import logging
+from types import MappingProxyType
 
 import pytest
 from flask import Blueprint, request
 
+from iris.errors import IrisError, ReverificationRequired
+
 probe = Blueprint("probe", __name__)
+
+
+class Sneaky(IrisError):
+    """An error whose extra keys try to replace the envelope: they must not."""
+
+    status_code = 403
+    code = "sneaky"
+    message = "Refused."
+    body_extra = MappingProxyType({"error": "replaced", "hint": {"n": 1}})
 
 
 @probe.post("/api/probe/echo")
@@ -16,6 +28,21 @@ def echo():
 @probe.get("/api/probe/boom")
 def api_boom():
     raise RuntimeError("secret internal detail: dsn=postgresql://admin:hunter2@db")
+
+
+@probe.get("/api/probe/reverify")
+def api_reverify():
+    raise ReverificationRequired()
+
+
+@probe.get("/api/probe/sneaky")
+def api_sneaky():
+    raise Sneaky()
+
+
+@probe.get("/reverify")
+def page_reverify():
+    raise ReverificationRequired()
 
 
 @probe.get("/boom")
@@ -110,3 +137,23 @@ def test_successful_responses_carry_a_request_id(client):
     first = client.get("/healthz").headers["X-Request-ID"]
     second = client.get("/healthz").headers["X-Request-ID"]
     assert first != second
+
+
+def test_an_error_can_carry_top_level_keys_beside_the_envelope(probe_client):
+    response = probe_client.get("/api/probe/reverify")
+    assert_envelope(response, 403, "reverification_required")
+    assert response.json["clerk_error"] == {
+        "type": "forbidden",
+        "reason": "reverification-error",
+        "metadata": {"reverification": "strict"},
+    }
+    assert set(response.json) == {"error", "clerk_error"}
+
+
+def test_extra_keys_never_replace_the_envelope_and_pages_leave_them_out(probe_client):
+    response = probe_client.get("/api/probe/sneaky")
+    assert_envelope(response, 403, "sneaky")
+    assert response.json["hint"] == {"n": 1}
+    page = probe_client.get("/reverify")
+    assert page.status_code == 403 and page.mimetype == "text/html"
+    assert "clerk_error" not in page.get_data(as_text=True)

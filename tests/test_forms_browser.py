@@ -67,6 +67,11 @@ def fill_password(page: Page) -> None:
     page.get_by_label("Your Iris password").fill(PASSWORD)
 
 
+def fill_own_password(page: Page) -> None:
+    """The confirmation pages of destructive acts ask for the signed-in person's own password."""
+    page.get_by_label("Your password").fill(PASSWORD)
+
+
 def registered_in_the_browser(web: MailingSite) -> tuple[str, str]:
     """A new account made on the sign-up page of the stack: its email and the path of the link the stack
     mailed to it (the link itself is on the stack's IRIS_PUBLIC_URL, https://iris.test)."""
@@ -144,19 +149,19 @@ FORM_PAGES: Mapping[str, FormPage] = MappingProxyType(
         "/verify-email/<token>": FormPage(path=an_open_link, fill=fill_password, button=CONFIRM),
         "/account/delete": FormPage(
             path=lambda web: "/account/delete",
-            fill=fill_nothing,
+            fill=fill_own_password,
             button="Yes, delete my account",
             session=a_new_owners_session,
         ),
         "/admin/users/<uuid:user_id>/deactivate": FormPage(
             path=a_live_accounts_deactivation,
-            fill=fill_nothing,
+            fill=fill_own_password,
             button="Yes, deactivate it",
             session=an_admins_session,
         ),
         "/admin/users/<uuid:user_id>/reactivate": FormPage(
             path=a_deactivated_accounts_reactivation,
-            fill=fill_nothing,
+            fill=fill_own_password,
             button="Yes, reactivate it",
             session=an_admins_session,
         ),

@@ -1,8 +1,9 @@
 """An account's life in a real browser, the way people reach it: Chromium over https through nginx running
 deploy/nginx-iris.conf in front of gunicorn with production settings (CSRF on, Secure cookies, the app's CSP
 and Referrer-Policy), the Clerk stand-in and PostgreSQL. A restaurant owner deletes their account from
-/account through its confirmation step; an admin finds an account, deactivates it, reactivates it and reads
-its audit trail, without any JavaScript. Screenshots go to test-output/.
+/account through its confirmation step, which asks for their password (a wrong one deletes nothing); an admin
+finds an account, deactivates and reactivates it with their own password, and reads its audit trail, without
+any JavaScript. Screenshots go to test-output/.
 
 Needs Chromium and nginx: without them these tests skip on a developer's machine and fail in CI.
 """
@@ -102,6 +103,18 @@ def test_an_owner_deletes_their_account_from_the_account_page(web, visitor, admi
     screenshot(visitor, "account-delete-confirm.png")
     assert state(admin_engine, web, owner.id).deleted_at is None  # looking changed nothing
 
+    # Without the password, and with a wrong one, nothing happens and the page says why.
+    assert press(visitor, "Yes, delete my account") == 422
+    assert "Enter your password" in visitor.get_by_role("alert").inner_text()
+    visitor.get_by_label("Your password").fill("not-" + PASSWORD)
+    assert press(visitor, "Yes, delete my account") == 422
+    assert "That is not the password of this account" in visitor.get_by_role("alert").inner_text()
+    assert visitor.get_by_label("Your password").input_value() == ""  # never sent back
+    screenshot(visitor, "account-delete-wrong-password.png")
+    assert state(admin_engine, web, owner.id).deleted_at is None
+    assert clerk_user_state(standin, owner.clerk_user_id) is not None
+
+    visitor.get_by_label("Your password").fill(PASSWORD)
     assert press(visitor, "Yes, delete my account") == 303
     visitor.wait_for_url(web.url + "/account/deleted")
     assert visitor.get_by_role("heading", level=1).inner_text() == "Your account is deleted"
@@ -128,6 +141,10 @@ def test_an_admin_finds_deactivates_and_reactivates_an_account(web, visitor, adm
     visitor.get_by_role("link", name=owner.email).click()
     visitor.get_by_role("link", name="Deactivate").click()
     assert visitor.get_by_role("heading", level=1).inner_text() == "Deactivate this account?"
+    visitor.get_by_label("Your password").fill("not-" + PASSWORD)
+    assert press(visitor, "Yes, deactivate it") == 422
+    assert clerk_user_state(standin, owner.clerk_user_id)["banned"] is False
+    visitor.get_by_label("Your password").fill(PASSWORD)
     assert press(visitor, "Yes, deactivate it") == 303
     visitor.wait_for_url(f"{web.url}/admin/users/{owner.id}")
     assert f"{owner.email} is deactivated." in visitor.get_by_role("status").inner_text()
@@ -137,6 +154,7 @@ def test_an_admin_finds_deactivates_and_reactivates_an_account(web, visitor, adm
     assert state(admin_engine, web, owner.id).deleted_at is not None
 
     visitor.get_by_role("link", name="Reactivate").click()
+    visitor.get_by_label("Your password").fill(PASSWORD)
     assert press(visitor, "Yes, reactivate it") == 303
     visitor.wait_for_url(f"{web.url}/admin/users/{owner.id}")
     assert f"{owner.email} is reactivated." in visitor.get_by_role("status").inner_text()

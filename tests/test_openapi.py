@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from types import MappingProxyType
@@ -45,6 +46,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from werkzeug.serving import make_server
 
+from clerk_standin import DEFAULT_AZP, DEFAULT_ISSUER
 from iris.docs import ASSETS, OPENAPI_PATH, openapi_document
 from iris.extensions import db
 from tests.helpers import (
@@ -451,7 +453,7 @@ def test_503_when_the_database_is_down(client, standin, make_app, operation):
 def test_user_200_for_yourself_and_for_an_admin(app, client, standin):
     owner, owner_headers = signed_in(client, standin, "owner@bistro.example")
     admin, admin_headers = signed_in(client, standin, "admin@iris.example")
-    execute(app, "UPDATE users SET role = 'admin' WHERE id = :id", id=admin["id"])
+    execute(app, "UPDATE users SET role = 'admin', email_verified_at = now() WHERE id = :id", id=admin["id"])
     response = client.get(url(USER, owner["id"]), headers=owner_headers)
     assert_conforms(response, USER, 200)
     assert response.json == owner
@@ -509,10 +511,63 @@ def test_delete_me_503_when_the_database_fails_after_clerk(app, client, standin)
     assert response.json["error"]["code"] == "database_unavailable"
 
 
+def signed_token(standin, clerk_user_id: str, **claims: Any) -> dict[str, str]:
+    """The Authorization header of a token the stand-in signs with Clerk's v2 claims for ``clerk_user_id``,
+    ``claims`` added (``fva``, ``act``)."""
+    now = int(time.time())
+    body = {
+        "azp": DEFAULT_AZP,
+        "exp": now + TOKEN_SECONDS,
+        "iat": now,
+        "iss": DEFAULT_ISSUER,
+        "nbf": now - 10,
+        "sid": "sess_" + uuid.uuid4().hex,
+        "sts": "active",
+        "sub": clerk_user_id,
+        "v": 2,
+        **claims,
+    }
+    return {"Authorization": f"Bearer {standin.control.sign(body)}"}
+
+
+def test_delete_me_403_reverification_impersonation_and_csrf(client, standin):
+    user, _ = signed_in(client, standin)
+    stale = signed_token(standin, user["clerk_user_id"], fva=[10080, -1])
+    response = client.delete(DELETE_ME[1], headers=stale)
+    assert_conforms(response, DELETE_ME, 403)
+    assert response.json["error"]["code"] == "reverification_required" and "clerk_error" in response.json
+    act = signed_token(standin, user["clerk_user_id"], fva=[0, -1], act={"sub": "user_support"})
+    response = client.delete(DELETE_ME[1], headers=act)
+    assert_conforms(response, DELETE_ME, 403)
+    assert response.json["error"]["code"] == "forbidden"
+    client.set_cookie("__session", session_token(standin, user["clerk_user_id"], TOKEN_SECONDS))
+    response = client.delete(DELETE_ME[1], headers={"Origin": "https://evil.example"})
+    assert_conforms(response, DELETE_ME, 403)
+    assert response.json["error"]["code"] == "csrf_failed"
+
+
+@pytest.mark.parametrize("operation", [DEACTIVATE, REACTIVATE], ids=operation_id)
+def test_admin_writes_403_reverification_unconfirmed_and_csrf(app, client, standin, operation):
+    admin_headers, owner, _ = admin_and_owner(app, client, standin)
+    admin = client.get(ME[1], headers=admin_headers).json
+    stale = signed_token(standin, admin["clerk_user_id"])  # no fva at all
+    response = client.post(url(operation, owner["id"]), headers=stale)
+    assert_conforms(response, operation, 403)
+    assert response.json["error"]["code"] == "reverification_required"
+    client.set_cookie("__session", session_token(standin, admin["clerk_user_id"], TOKEN_SECONDS))
+    response = client.post(url(operation, owner["id"]), data={"x": "1"}, headers={"Origin": "null"})
+    assert_conforms(response, operation, 403)
+    assert response.json["error"]["code"] == "csrf_failed"
+    execute(app, "UPDATE users SET email_verified_at = NULL WHERE id = :id", id=admin["id"])
+    response = client.post(url(operation, owner["id"]), headers=admin_headers)
+    assert_conforms(response, operation, 403)
+    assert response.json["error"]["code"] == "email_unverified"
+
+
 def admin_and_owner(app, client, standin) -> tuple[dict[str, str], dict[str, Any], dict[str, str]]:
     """An admin's Authorization header, and a restaurant owner with theirs."""
     admin, admin_headers = signed_in(client, standin, "admin@iris.example")
-    execute(app, "UPDATE users SET role = 'admin' WHERE id = :id", id=admin["id"])
+    execute(app, "UPDATE users SET role = 'admin', email_verified_at = now() WHERE id = :id", id=admin["id"])
     owner, owner_headers = signed_in(client, standin, "owner@bistro.example")
     return admin_headers, owner, owner_headers
 
@@ -638,7 +693,7 @@ def test_schemathesis_finds_nothing_against_the_live_app(app, live_url, standin)
     owner = register(app.test_client(), "owner@bistro.example")
     admin = register(app.test_client(), "admin@iris.example")
     leaving = register(app.test_client(), "leaving@bistro.example")
-    execute(app, "UPDATE users SET role = 'admin' WHERE id = :id", id=admin["id"])
+    execute(app, "UPDATE users SET role = 'admin', email_verified_at = now() WHERE id = :id", id=admin["id"])
     tokens = [
         None,
         *(session_token(standin, user["clerk_user_id"], TOKEN_SECONDS) for user in (owner, admin)),
