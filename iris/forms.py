@@ -25,3 +25,7 @@ class NewLinkForm(FlaskForm):
 class ConfirmForm(FlaskForm):
     """A confirmation step: CSRF only. The page's own button says what it confirms (deleting your account,
     deactivating or reactivating one); the rules live in iris.accounts."""
+
+
+class SignOutForm(FlaskForm):
+    """The navigation's "Sign out" button: CSRF only, so no other site can sign a visitor out."""

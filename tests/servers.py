@@ -28,6 +28,7 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
+from iris.config import DEV_PUBLISHABLE_KEY
 from tests.helpers import TEST_DATABASE_URL, dispose, free_port, make_test_app, migrate, unavailable
 from tests.tls import self_signed_certificate
 
@@ -74,6 +75,9 @@ def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
         DATABASE_URL=url.render_as_string(hide_password=False),
         FLASK_SECRET_KEY="test",
         IRIS_PUBLIC_URL="https://iris.test",
+        # The stand-in's instance; its Frontend API (the handshake) answers on its own address.
+        CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY,
+        CLERK_FRONTEND_API_URL=standin.base_url,
         MAIL_SERVER="127.0.0.1",
         MAIL_PORT="1",  # nothing listens: mails stay in the outbox unless a test passes its own server
         CLERK_SECRET_KEY=standin.secret_key,

@@ -243,6 +243,7 @@ def test_outside_development_the_links_are_optional_and_must_be_absolute(tmp_pat
         "CLERK_SECRET_KEY": "sk_live_x",
         "FLASK_SECRET_KEY": "k",
         "IRIS_PUBLIC_URL": "https://accounts.bistro.example",
+        "CLERK_PUBLISHABLE_KEY": config.DEV_PUBLISHABLE_KEY,
         "MAIL_SERVER": "smtp.bistro.example",
     }
     unset = config.from_environment(required, development=False, instance_path=str(tmp_path))
@@ -289,18 +290,21 @@ def nav(page: str) -> str:
 
 
 def links(page: str) -> dict[str, str]:
-    """The navigation's links, by their text."""
+    """The navigation's links, by their text, and its sign-out form as ``"Sign out": <its action>``."""
     found = {}
     for part in nav(page).split("<a href=")[1:]:
         href = html.unescape(part.split('"')[1])
         label = part.split(">", 1)[1].split("</a>")[0]
         found[label] = href
+    if '<form class="nav-form" method="post" action="' in nav(page):
+        action = nav(page).split('<form class="nav-form" method="post" action="')[1].split('"')[0]
+        found[nav(page).split('class="link-button">')[1].split("</button>")[0]] = action
     return found
 
 
 def test_signed_out_pages_offer_sign_up_and_sign_in_back_to_the_account_page(linked_app):
     client = linked_app.test_client()
-    back = "redirect_url=http%3A%2F%2Flocalhost%2Faccount"
+    back = "redirect_url=https%3A%2F%2Firis.test%2Faccount"  # IRIS_PUBLIC_URL, never the request's Host
     for path in ("/", "/signup", "/account"):
         page = client.get(path).get_data(as_text=True)
         assert links(page) == {"Sign up": "/signup", "Sign in": f"{SIGN_IN_URL}?{back}"}, path
@@ -311,8 +315,7 @@ def test_signed_out_pages_offer_sign_up_and_sign_in_back_to_the_account_page(lin
 def test_signed_in_pages_offer_the_account_and_sign_out_and_no_sign_up(signed_in):
     for path in ("/", "/signup", "/account"):
         page = signed_in.get(path).get_data(as_text=True)
-        assert set(links(page)) == {"Account", "Sign out"}, path
-        assert links(page)["Sign out"] == f"{SIGN_OUT_URL}?redirect_url=http%3A%2F%2Flocalhost%2F"
+        assert links(page) == {"Account": "/account", "Sign out": "/sign-out"}, path
     account = signed_in.get("/account").get_data(as_text=True)
     assert EMAIL in account
     assert 'aria-current="page">Account</a>' in account
