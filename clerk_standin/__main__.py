@@ -1,5 +1,6 @@
 """The stand-in's command line: ``python -m clerk_standin --host 127.0.0.1 --port 5001 [--secret-key ...]
-[--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--quiet] [--webhook-url URL
+[--key-file path] [--state-file path] [--issuer URL] [--azp ORIGIN] [--handshake-style production|development]
+[--quiet] [--webhook-url URL
 --webhook-secret whsec_... [--webhook-timeout S] [--webhook-retry-scale F]]``. Serves in the foreground
 until interrupted. A state file it cannot use stops it at once with one line saying so (exit status 2)."""
 
@@ -11,6 +12,7 @@ import logging
 import sys
 
 from clerk_standin.app import DEFAULT_AZP, DEFAULT_ISSUER, DEFAULT_SECRET_KEY, ClerkStandin
+from clerk_standin.handshake import STYLES
 from clerk_standin.server import serve
 from clerk_standin.state import StateFileError
 from clerk_standin.webhooks import DEFAULT_TIMEOUT
@@ -32,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         "--azp",
         default=DEFAULT_AZP,
         help="azp claim of session tokens; the only origin /sign-in and /sign-out send people back to",
+    )
+    parser.add_argument(
+        "--handshake-style",
+        choices=STYLES,
+        default="production",
+        help="send the handshake payload in a cookie (production) or in the redirect's query (development)",
     )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     parser.add_argument("--webhook-url", default=None, help="send Clerk's user.* webhooks (Svix-signed) here")
@@ -57,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             webhook_secret=args.webhook_secret,
             webhook_timeout=args.webhook_timeout,
             webhook_retry_scale=args.webhook_retry_scale,
+            handshake_style=args.handshake_style,
         )
     except (StateFileError, ValueError) as error:
         print(f"clerk stand-in cannot start: {error}", file=sys.stderr)

@@ -3,7 +3,10 @@
 ``ClerkStandin`` serves the subset of ``https://api.clerk.com/v1`` the accounts backend uses (users, their
 email addresses, sessions, session tokens, the JWKS) in Clerk's wire format (``clerk_standin.wire``), and
 wraps it in the request counting and fault injection (``clerk_standin.faults``) that the control API under
-``/__standin`` drives. It binds no socket: ``clerk_standin.server`` runs it.
+``/__standin`` drives. It also serves, without a Bearer key, development's Account Portal (``/sign-in``,
+``/sign-out``: ``clerk_standin.pages``) and the one Frontend API route a server-rendered app needs,
+``GET /v1/client/handshake`` (``clerk_standin.handshake``). It binds no socket: ``clerk_standin.server``
+runs it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import weakref
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, redirect, request
 from werkzeug.exceptions import HTTPException
 
-from clerk_standin import pages
+from clerk_standin import handshake, pages
 from clerk_standin.faults import FaultTable, apply_fault
 from clerk_standin.keys import SigningKey, generate_private_key, load_or_create_private_key
 from clerk_standin.state import StandinState, load_state, save_state
@@ -71,6 +75,9 @@ DEFAULT_TOKEN_LIFETIME = 60
 CONTROL_PREFIX = "/__standin"
 # The pages a browser opens (no Bearer key, HTML answers): development's stand-in for the Account Portal.
 PAGE_PATHS = ("/sign-in", "/sign-out")
+# Frontend API routes: a browser calls them, so no Bearer key (FAPI is its own host at Clerk; here it shares
+# the Backend API's origin).
+FAPI_PATHS = ("/v1/client/handshake",)
 
 TOKEN_LIFETIME_RANGE = (30, 315_360_000)
 LIST_LIMIT_RANGE = (1, 500)
@@ -111,8 +118,10 @@ CREATE_TOKEN_PARAMS = frozenset({"expires_in_seconds"})
 # Session statuses a token may be minted for, and the sts claim each gives.
 TOKEN_STATUSES = ("active", "pending")
 ORDER_FIELDS = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
-# Session statuses a ban ends.
+# Session statuses a ban, a revocation or a sign-out ends.
 LIVE_STATUSES = ("active", "pending")
+# Internal session field (not part of Clerk's Session object): when its first factor was verified, in ms.
+FACTOR_VERIFIED_AT = "_first_factor_verified_at"
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 
@@ -134,12 +143,16 @@ class ClerkStandin:
             control API can change both at run time.
         webhook_timeout: seconds a webhook endpoint has to answer 2xx (Svix: 15).
         webhook_retry_scale: multiplies the waits of Svix's retry schedule (tests use 0.01).
+        handshake_style: ``"production"`` (the default) sends a handshake's payload or nonce back in a cookie,
+            as Clerk's production instances do; ``"development"`` appends it to ``redirect_url`` as a query
+            parameter, as development instances do. The control API can switch it at run time.
 
     Thread-safe: all state sits behind ``self.lock``, except the faults, which sit behind their own
     (``self.faults``, a ``FaultTable``), and the webhooks (``self.webhooks``, a ``WebhookSender``). Webhook
     events are emitted while ``self.lock`` is held, so their order is the order of the changes.
-    ``reset()`` returns it to the state it had when constructed (no users, sessions, faults or counts;
-    original signing key and webhook endpoint; no webhook faults or queue), emptying the state file too.
+    ``reset()`` returns it to the state it had when constructed (no users, sessions, clients, nonces, faults
+    or counts; original signing key, webhook endpoint and handshake style; no webhook faults or queue),
+    emptying the state file too.
 
     Every change to a user moves its ``updated_at`` strictly forward (``_touch``), by 1 ms when two
     changes fall in the same millisecond: Clerk's users are ordered by it.
@@ -158,9 +171,12 @@ class ClerkStandin:
         webhook_secret: str | None = None,
         webhook_timeout: float = DEFAULT_TIMEOUT,
         webhook_retry_scale: float = 1.0,
+        handshake_style: str = "production",
     ):
         if not secret_key:
             raise ValueError("secret_key must not be empty")
+        if handshake_style not in handshake.STYLES:
+            raise ValueError(f"handshake_style must be one of {', '.join(handshake.STYLES)}")
         if private_key is None:
             private_key = load_or_create_private_key(key_file) if key_file else generate_private_key()
         self.secret_key = secret_key
@@ -174,6 +190,13 @@ class ClerkStandin:
         self.password_digests: dict[str, bytes] = {}
         self.user_seq: dict[str, int] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
+        # Browsers signed in through /sign-in, by client id: {id, token_sha256, created_at, updated_at}.
+        self.clients: dict[str, dict[str, Any]] = {}
+        self.initial_handshake_style = self.handshake_style = handshake_style
+        self.nonces = handshake.NonceStore()
+        self.handshake_faults = handshake.HandshakeFaults()
+        # Signs payloads under the bad_signature fault: never in the JWKS. Made on first use.
+        self._foreign_key: rsa.RSAPrivateKey | None = None
         # (created_at, seq) of deleted users, so a list cursor naming one still has its place (memory only).
         self.deleted_positions: dict[str, tuple[int, int]] = {}
         self.faults = FaultTable()
@@ -198,6 +221,7 @@ class ClerkStandin:
             if saved is not None:
                 self.users, self.password_digests = saved.users, saved.password_digests
                 self.user_seq, self.sessions = saved.user_seq, saved.sessions
+                self.clients = saved.clients
                 self._seq = itertools.count(max(self.user_seq.values(), default=-1) + 1)
         self.flask_app = self._build_flask_app()
 
@@ -214,7 +238,11 @@ class ClerkStandin:
         dropping webhook faults, queue and log. Requests held by a ``hold`` fault go on."""
         self.faults.reset()
         self.webhooks.reset()
+        self.nonces.clear()
+        self.handshake_faults.clear()
         with self.lock:
+            self.handshake_style = self.initial_handshake_style
+            self.clients.clear()
             self.deleted_positions.clear()
             self.users.clear()
             self.user_seq.clear()
@@ -239,6 +267,7 @@ class ClerkStandin:
                     dict(self.password_digests),
                     dict(self.user_seq),
                     copy.deepcopy(self.sessions),
+                    copy.deepcopy(self.clients),
                 )
             save_state(self.state_file, state)
 
@@ -252,9 +281,45 @@ class ClerkStandin:
             session = self.sessions[session_id]
             session["status"] = status
             session["updated_at"] = now_ms()
-            result = dict(session)
+            result = _public_session(session)
         self._save()
         return result
+
+    def set_first_factor_age(self, session_id: str, minutes: int) -> dict[str, Any]:
+        """Say the session's first factor was verified ``minutes`` ago: its next tokens carry
+        ``fva: [minutes, -1]``. Returns the session; KeyError for an unknown one, ValueError for a negative or
+        non-integer ``minutes``."""
+        if not is_int(minutes) or minutes < 0:
+            raise ValueError("minutes must be a non-negative integer")
+        with self.lock:
+            session = self.sessions[session_id]
+            session[FACTOR_VERIFIED_AT] = now_ms() - minutes * 60_000
+            result = _public_session(session)
+        self._save()
+        return result
+
+    def set_session_actor(self, session_id: str, actor: dict[str, Any] | None) -> dict[str, Any]:
+        """Set the session's ``actor`` (Clerk's impersonation: ``{"sub": "user_..."}`` and whatever else the
+        actor token carried), or clear it with None. Its next tokens carry it as ``act``. Returns the
+        session; KeyError for an unknown one, ValueError unless ``actor`` is None or an object with a string
+        ``sub``."""
+        if actor is not None and not (isinstance(actor, dict) and isinstance(actor.get("sub"), str)):
+            raise ValueError('actor must be null or an object with a string "sub"')
+        with self.lock:
+            session = self.sessions[session_id]
+            session["actor"] = copy.deepcopy(actor)
+            session["updated_at"] = now_ms()
+            result = _public_session(session)
+        self._save()
+        return result
+
+    def set_handshake_style(self, style: str) -> None:
+        """``"production"`` (payload in a cookie) or ``"development"`` (payload in the query); ValueError
+        otherwise."""
+        if style not in handshake.STYLES:
+            raise ValueError(f"style must be one of {', '.join(handshake.STYLES)}")
+        with self.lock:
+            self.handshake_style = style
 
     def rotate_key(self, keep_previous: bool = False) -> SigningKey:
         """Sign with a new key from now on. The JWKS serves only the new key, or the new key
@@ -428,6 +493,14 @@ class ClerkStandin:
             ("/v1/email_addresses", "create_email_address", self.create_email_address, ["POST"]),
             ("/v1/sessions", "create_session", self.create_session, ["POST"]),
             ("/v1/sessions/<session_id>/tokens", "create_token", self.create_token, ["POST"]),
+            ("/v1/sessions/<session_id>/revoke", "revoke_session", self.revoke_session, ["POST"]),
+            (
+                "/v1/clients/handshake_payload",
+                "handshake_payload",
+                self.handshake_payload,
+                ["GET"],
+            ),
+            ("/v1/client/handshake", "client_handshake", self.client_handshake, ["GET"]),
             ("/v1/jwks", "jwks", self.jwks, ["GET"]),
             ("/sign-in", "sign_in", self.sign_in, ["GET", "POST"]),
             ("/sign-out", "sign_out", self.sign_out, ["GET", "POST"]),
@@ -459,6 +532,23 @@ class ClerkStandin:
                 self.c_session_status,
                 ["POST"],
             ),
+            (
+                CONTROL_PREFIX + "/sessions/<session_id>/first_factor",
+                "c_first_factor",
+                self.c_first_factor,
+                ["POST"],
+            ),
+            (CONTROL_PREFIX + "/sessions/<session_id>/actor", "c_actor", self.c_actor, ["POST"]),
+            (CONTROL_PREFIX + "/handshake", "c_handshake", self.c_handshake, ["GET"]),
+            (CONTROL_PREFIX + "/handshake", "c_set_handshake", self.c_set_handshake, ["PUT"]),
+            (CONTROL_PREFIX + "/handshake/faults", "c_hs_faults", self.c_handshake_faults, ["GET"]),
+            (CONTROL_PREFIX + "/handshake/faults", "c_add_hs_fault", self.c_add_handshake_fault, ["POST"]),
+            (
+                CONTROL_PREFIX + "/handshake/faults",
+                "c_clear_hs_faults",
+                self.c_clear_handshake_faults,
+                ["DELETE"],
+            ),
             (CONTROL_PREFIX + "/users/bulk", "c_bulk_users", self.c_bulk_users, ["POST"]),
             (CONTROL_PREFIX + "/webhooks", "c_webhooks", self.c_webhooks, ["GET"]),
             (CONTROL_PREFIX + "/webhooks", "c_set_webhooks", self.c_set_webhooks, ["PUT"]),
@@ -485,7 +575,7 @@ class ClerkStandin:
         return app
 
     def _authenticate(self) -> None:
-        if _is_control(request.path) or request.path in PAGE_PATHS:
+        if _is_control(request.path) or request.path in PAGE_PATHS or request.path in FAPI_PATHS:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -508,7 +598,7 @@ class ClerkStandin:
             raise ClerkAPIError(401, [clerk_error("clerk_key_invalid", message, message)])
 
     def _add_version_header(self, response: Response) -> Response:
-        if not _is_control(request.path) and request.path not in PAGE_PATHS:
+        if not _is_control(request.path) and request.path not in PAGE_PATHS + FAPI_PATHS:
             version = request.headers.get("Clerk-API-Version") or DEFAULT_API_VERSION
             response.headers["Clerk-Api-Version"] = version
         return response
@@ -756,12 +846,11 @@ class ClerkStandin:
             if user["banned"] != banned:
                 changed = True
                 user["banned"] = banned
-                updated = self._touch(user)
+                self._touch(user)
                 if banned:
                     for session in self.sessions.values():
                         if session["user_id"] == user_id and session["status"] in LIVE_STATUSES:
-                            session["status"] = "revoked"
-                            session["updated_at"] = updated
+                            self._end_session(session, "revoked")
                 self._emit("user.updated", user, origin)
             result = copy.deepcopy(user)
         if changed:
@@ -1034,15 +1123,16 @@ class ClerkStandin:
             raise not_found("organization", str(organization_id))
         return _json_response(self._start_session(user_id))
 
-    def _start_session(self, user_id: str) -> dict[str, Any]:
-        """A new active session of ``user_id`` (saved). 404 ``resource_not_found`` when there is no such user,
-        403 ``user_banned`` when it is banned."""
+    def _start_session(self, user_id: str, client_id: str | None = None) -> dict[str, Any]:
+        """A new active session of ``user_id`` (saved) on ``client_id`` (a new id when None: Backend API
+        sessions belong to no browser), its first factor verified now; returns it as Clerk shows it. 404
+        ``resource_not_found`` when there is no such user, 403 ``user_banned`` when it is banned."""
         created = now_ms()
         session = {
             "object": "session",
             "id": new_id("sess"),
             "user_id": user_id,
-            "client_id": new_id("client"),
+            "client_id": client_id or new_id("client"),
             "actor": None,
             "status": "active",
             "last_active_organization_id": None,
@@ -1051,6 +1141,7 @@ class ClerkStandin:
             "abandon_at": created + SESSION_ABANDON_MS,
             "updated_at": created,
             "created_at": created,
+            FACTOR_VERIFIED_AT: created,
         }
         with self.lock:
             user = self.users.get(user_id)
@@ -1059,7 +1150,7 @@ class ClerkStandin:
             if user["banned"]:
                 raise user_banned()
             self.sessions[session["id"]] = session
-            result = dict(session)
+            result = _public_session(session)
         self._save()
         return result
 
@@ -1090,14 +1181,44 @@ class ClerkStandin:
             raise not_found("session", session_id)
         return _json_response({"object": "token", "jwt": self._session_token(session, lifetime)})
 
-    def _session_token(self, session: dict[str, Any], lifetime: int) -> str:
-        """A session token for ``session`` with Clerk's v2 claims, valid ``lifetime`` seconds; ``sts`` is the
-        session's status (``active`` or ``pending``)."""
-        issued_at = int(time.time())
-        claims = {
+    def revoke_session(self, session_id: str) -> Response:
+        """``POST /v1/sessions/{id}/revoke``: 200 the ``Session``, status ``revoked`` (no more tokens; a
+        handshake for its client answers signed out). A session that is no longer live is answered as it
+        is. 404 ``resource_not_found`` for an unknown id."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise not_found("session", session_id)
+            changed = session["status"] in LIVE_STATUSES
+            if changed:
+                self._end_session(session, "revoked")
+            result = _public_session(session)
+        if changed:
+            self._save()
+        return _json_response(result)
+
+    def _end_session(self, session: dict[str, Any], status: str) -> None:
+        """Give ``session`` its final ``status``; its client, if a browser holds it, changes too (a later
+        ``__client_uat``). Caller holds the lock and saves."""
+        now = now_ms()
+        session["status"] = status
+        session["updated_at"] = now
+        client = self.clients.get(session["client_id"])
+        if client is not None:
+            client["updated_at"] = max(now, client["updated_at"] + 1)
+
+    def _session_token(self, session: dict[str, Any], lifetime: int, issued_at: int | None = None) -> str:
+        """A session token for ``session`` with Clerk's v2 claims, valid ``lifetime`` seconds from
+        ``issued_at`` (now by default); ``sts`` is the session's status (``active`` or ``pending``), ``fva``
+        the whole minutes since its first factor was verified (no second factor: -1), ``act`` its actor if
+        any."""
+        if issued_at is None:
+            issued_at = int(time.time())
+        verified_at = session.get(FACTOR_VERIFIED_AT, session["created_at"])
+        claims: dict[str, Any] = {
             "azp": self.azp,
             "exp": issued_at + lifetime,
-            "fva": [0, -1],
+            "fva": [max(0, (now_ms() - verified_at) // 60_000), -1],
             "iat": issued_at,
             "iss": self.issuer,
             "jti": secrets.token_hex(10),
@@ -1107,6 +1228,8 @@ class ClerkStandin:
             "sub": session["user_id"],
             "v": 2,
         }
+        if session.get("actor"):
+            claims["act"] = session["actor"]
         return self.sign(claims)
 
     # ---- /v1/jwks
@@ -1121,9 +1244,10 @@ class ClerkStandin:
     def sign_in(self) -> Response:
         """``GET /sign-in?redirect_url=``: the form. ``POST /sign-in``: email and password checked like Clerk
         checks them (an unknown email, then a wrong password, each re-shows the form with Clerk's message,
-        422; then a banned user, 403 with Clerk's ``user_banned`` message); on success a new session, its
-        token in ``__session`` and a 303 to ``redirect_url``. A ``redirect_url`` off the allowed origin
-        (``azp``) is refused with 400; none means ``azp`` + ``/``."""
+        422; then a banned user, 403 with Clerk's ``user_banned`` message); on success a new client holding a
+        new session, the ``__client`` and ``__client_uat`` cookies, and a 303 to ``redirect_url``. Like the
+        Account Portal, it never sets ``__session``: the app gets one through the handshake. A
+        ``redirect_url`` off the allowed origin (``azp``) is refused with 400; none means ``azp`` + ``/``."""
         target = pages.allowed_redirect(request.values.get("redirect_url") or self.azp + "/", self.azp)
         if target is None:
             return pages.refused_redirect(self.azp)
@@ -1145,62 +1269,150 @@ class ClerkStandin:
             return pages.sign_in_form(target, email, pages.ACCOUNT_NOT_FOUND, 422)
         if digest is None or not check_password_digest(password, digest):
             return pages.sign_in_form(target, email, pages.PASSWORD_INCORRECT, 422)
+        client_token = handshake.new_client_token()
+        client_id = new_id("client")
         try:
-            session = self._start_session(user_id)
+            session = self._start_session(user_id, client_id)
         except ClerkAPIError as error:  # banned, or deleted since the check
             if error.status == 403:
                 return pages.sign_in_form(target, email, pages.USER_BANNED, 403)
             return pages.sign_in_form(target, email, pages.ACCOUNT_NOT_FOUND, 422)
+        created = session["created_at"]
         with self.lock:
+            self.clients[client_id] = {
+                "id": client_id,
+                "token_sha256": handshake.client_token_digest(client_token),
+                "created_at": created,
+                "updated_at": created,
+            }
             user = self.users.get(user_id)
             if user is not None:
-                user["last_sign_in_at"] = user["last_active_at"] = session["created_at"]
+                user["last_sign_in_at"] = user["last_active_at"] = created
         self._save()
         response = redirect(target, 303)
-        token = self._session_token(session, pages.SIGN_IN_TOKEN_LIFETIME)
-        pages.set_session_cookie(response, token, secure=request.is_secure)
+        secure = request.is_secure
+        handshake.set_client_cookie(response, client_token, SESSION_LIFETIME_MS // 1000, secure=secure)
+        handshake.set_client_uat_cookie(response, created // 1000, secure=secure)
         return response
 
     def sign_out(self) -> Response:
-        """``GET`` or ``POST /sign-out?redirect_url=``: ends the session of the ``__session`` cookie (when it
-        is a token this stand-in signed), expires the cookie and answers 303 to ``redirect_url`` (checked as
-        for ``/sign-in``). Signing out while signed out just redirects."""
+        """``GET`` or ``POST /sign-out?redirect_url=``: ends every live session of the client named by the
+        ``__client`` cookie (status ``ended``: no more tokens, and the next handshake answers signed out),
+        sets ``__client_uat=0`` and answers 303 to ``redirect_url`` (checked as for ``/sign-in``). Signing
+        out while signed out, or with a ``__client`` the stand-in never issued, just sets ``__client_uat=0``
+        and redirects."""
         target = pages.allowed_redirect(request.values.get("redirect_url") or self.azp + "/", self.azp)
         if target is None:
             return pages.refused_redirect(self.azp)
-        session_id = self._own_session_id(request.cookies.get(pages.SESSION_COOKIE, ""))
         ended = False
         with self.lock:
-            session = self.sessions.get(session_id or "")
-            if session is not None and session["status"] != "ended":
-                session["status"] = "ended"
-                session["updated_at"] = now_ms()
-                ended = True
+            client = self._client_from_cookie()
+            for session in self.sessions.values():
+                mine = client is not None and session["client_id"] == client["id"]
+                if mine and session["status"] in LIVE_STATUSES:
+                    self._end_session(session, "ended")
+                    ended = True
         if ended:
             self._save()
         response = redirect(target, 303)
-        pages.expire_session_cookie(response, secure=request.is_secure)
+        handshake.set_client_uat_cookie(response, 0, secure=request.is_secure)
         return response
 
-    def _own_session_id(self, token: str) -> str | None:
-        """The ``sid`` of ``token`` when one of the current keys signed it (expired or not), else None: a
-        forged cookie cannot end someone else's session."""
-        with self.lock:
-            keys = {key.kid: key for key in self.keys}
-        try:
-            key = keys.get(jwt.get_unverified_header(token).get("kid"))
-            if key is None:
-                return None
-            claims = jwt.decode(
-                token,
-                key.private_key.public_key(),
-                algorithms=["RS256", "RS384", "RS512"],
-                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
-            )
-        except jwt.PyJWTError:
+    def _client_from_cookie(self) -> dict[str, Any] | None:
+        """The client whose token is in this request's ``__client`` cookie, or None (no cookie, or a token the
+        stand-in never issued). Caller holds the lock."""
+        token = request.cookies.get(handshake.CLIENT_COOKIE, "")
+        if not token:
             return None
-        sid = claims.get("sid")
-        return sid if isinstance(sid, str) else None
+        digest = handshake.client_token_digest(token)
+        return next(
+            (c for c in self.clients.values() if hmac.compare_digest(c["token_sha256"], digest)),
+            None,
+        )
+
+    # ---- the Frontend API's handshake (see clerk_standin.handshake)
+
+    def client_handshake(self) -> Response:
+        """``GET /v1/client/handshake``: FAPI's handshake, no Bearer key. ``redirect_url`` is required and
+        must be on the allowed origin (400 in Clerk's envelope otherwise); ``format`` is ``token`` (default)
+        or ``nonce``; ``__clerk_hs_reason``, ``suffixed_cookies``, ``__clerk_api_version`` and ``__session``
+        are accepted and not used. The ``__client`` cookie decides: a client with a live session gets a fresh
+        60 s session token and its ``__client_uat``; anyone else gets ``__session`` wiped and
+        ``__client_uat=0``. The answer is a 307 to ``redirect_url``, ``Cache-Control: no-store``, carrying a
+        signed payload ``{"handshake": [directives]}`` (or a nonce for the Backend API) in a cookie
+        (production style) or in the query (development style). Faults in force shape it
+        (``handshake.HandshakeFaults``)."""
+        raw_target = request.args.get("redirect_url")
+        if not raw_target:
+            raise ClerkAPIError(400, [param_missing("redirect_url")])
+        target = pages.allowed_redirect(raw_target, self.azp)
+        if target is None:
+            message = f"redirect_url must be an address on {self.azp}."
+            raise ClerkAPIError(400, [param_value_invalid("redirect_url", message)])
+        payload_format = request.args.get("format") or "token"
+        if payload_format not in handshake.FORMATS:
+            raise ClerkAPIError(400, [param_value_invalid("format", "format must be token or nonce.")])
+        secure = urlsplit(target).scheme == "https"
+        with self.lock:
+            production = self.handshake_style == "production"
+            client = self._client_from_cookie()
+            live = [
+                s
+                for s in self.sessions.values()
+                if client is not None and s["client_id"] == client["id"] and s["status"] in TOKEN_STATUSES
+            ]
+            session = dict(max(live, key=lambda s: s["created_at"])) if live else None
+            uat = client["updated_at"] // 1000 if client is not None else 0
+        faults = self.handshake_faults
+        if session is not None:
+            issued_at = int(time.time())
+            if faults.take("expired_token"):
+                issued_at -= 2 * DEFAULT_TOKEN_LIFETIME
+            token = self._session_token(session, DEFAULT_TOKEN_LIFETIME, issued_at)
+            if faults.take("iat_before_uat"):
+                uat = issued_at + 1
+            directives = handshake.signed_in_directives(token, uat, secure=secure, clear_handshake=production)
+        else:
+            directives = handshake.signed_out_directives(secure=secure, clear_handshake=production)
+        if faults.take("no_session"):
+            directives = handshake.without_session(directives)
+        if payload_format == "nonce":
+            ttl = 0.0 if faults.take("stale_nonce") else handshake.NONCE_TTL
+            name, value = handshake.HANDSHAKE_NONCE_COOKIE, self.nonces.put(directives, ttl)
+        else:
+            name, value = handshake.HANDSHAKE_COOKIE, self._sign_handshake(directives)
+        if production:
+            response = redirect(target, 307)
+            handshake.set_transport_cookie(response, name, value, secure=secure)
+        else:
+            response = redirect(_with_query(target, name, value), 307)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def _sign_handshake(self, directives: list[str]) -> str:
+        """The payload JWT ``{"handshake": directives}``: RS256 under the current ``kid``, ``typ: JWT``, the
+        session ``cat`` (clerk/javascript ``integration/testUtils/handshake.ts``), no other claim. Under the
+        ``bad_signature`` fault, signed by a key the JWKS does not hold."""
+        claims = {"handshake": directives}
+        if not self.handshake_faults.take("bad_signature"):
+            return self.sign(claims)
+        if self._foreign_key is None:
+            self._foreign_key = generate_private_key()
+        headers = {"kid": self.signing_key.kid, "typ": "JWT", "cat": SESSION_TOKEN_CATEGORY}
+        return jwt.encode(claims, self._foreign_key, algorithm="RS256", headers=headers)
+
+    def handshake_payload(self) -> Response:
+        """``GET /v1/clients/handshake_payload?nonce=`` (Bearer secret key): 200 ``{"directives": [...]}`` for
+        a nonce this stand-in handed out within the last minute, once. A missing nonce is 422
+        ``form_param_missing``; an unknown, used or expired one 404 ``resource_not_found``."""
+        nonce = request.args.get("nonce")
+        if not nonce:
+            raise ClerkAPIError(422, [param_missing("nonce")])
+        directives = self.nonces.take(nonce)
+        if directives is None:
+            message = "No handshake payload was found for this nonce."
+            raise ClerkAPIError(404, [clerk_error("resource_not_found", "not found", message)])
+        return _json_response({"directives": directives})
 
     # ---- control API (no auth)
 
@@ -1291,6 +1503,52 @@ class ClerkStandin:
             return _control_error(str(exc), 400)
         return _json_response(session)
 
+    def c_first_factor(self, session_id: str) -> Response:
+        body = _control_json()
+        minutes = body.get("minutes_ago") if body is not None else None
+        try:
+            return _json_response(self.set_first_factor_age(session_id, minutes))
+        except KeyError:
+            return _control_error(f"no session with id {session_id}", 404)
+        except ValueError:
+            return _control_error('body must be {"minutes_ago": non-negative integer}', 400)
+
+    def c_actor(self, session_id: str) -> Response:
+        body = _control_json()
+        if body is None or "actor" not in body:
+            return _control_error('body must be {"actor": {"sub": ...} or null}', 400)
+        try:
+            return _json_response(self.set_session_actor(session_id, body["actor"]))
+        except KeyError:
+            return _control_error(f"no session with id {session_id}", 404)
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+
+    def c_handshake(self) -> Response:
+        with self.lock:
+            style = self.handshake_style
+        return _json_response({"style": style, "publishable_key": handshake.publishable_key(self.issuer)})
+
+    def c_set_handshake(self) -> Response:
+        body = _control_json()
+        try:
+            self.set_handshake_style(body.get("style") if body is not None else None)
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+        return self.c_handshake()
+
+    def c_handshake_faults(self) -> Response:
+        return _json_response({"faults": self.handshake_faults.as_dicts()})
+
+    def c_add_handshake_fault(self) -> Response:
+        try:
+            return _json_response(self.handshake_faults.add(_control_json()), 201)
+        except ValueError as exc:
+            return _control_error(str(exc), 400)
+
+    def c_clear_handshake_faults(self) -> Response:
+        return _json_response({"cleared": self.handshake_faults.clear()})
+
     def c_bulk_users(self) -> Response:
         body = _control_json()
         webhooks = body.get("webhooks", False) if body is not None else None
@@ -1373,6 +1631,19 @@ def _bulk_entry(entry: Any, index: int) -> tuple[list[str], dict[str, Any]]:
         raise ValueError(f"{where}: created_at must be a non-negative integer (ms)")
     fields["created_at"] = created_at
     return emails, fields
+
+
+def _public_session(session: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``session`` as Clerk's Session object shows it: without the stand-in's internal fields."""
+    return {name: copy.deepcopy(value) for name, value in session.items() if not name.startswith("_")}
+
+
+def _with_query(url: str, name: str, value: str) -> str:
+    """``url`` with ``name=value`` added to its query (development style handshake answers)."""
+    parts = urlsplit(url)
+    extra = urlencode({name: value})
+    query = f"{parts.query}&{extra}" if parts.query else extra
+    return urlunsplit(parts._replace(query=query))
 
 
 def _valid_email(email: str) -> bool:

@@ -1,11 +1,15 @@
 """The stand-in's sign-in and sign-out pages: development's stand-in for Clerk's Account Portal.
 
-In production Clerk's Account Portal signs a person in and sets the ``__session`` cookie for the app's
-domain. Here ``GET /sign-in`` shows a plain HTML form (email and password, no JavaScript); ``POST /sign-in``
-checks them against the stand-in's users with Clerk's messages, starts a session and sets ``__session`` to a
-session token. Cookies belong to a host, not to a port, so the stand-in on 127.0.0.1:5001 sets it for the app
-on 127.0.0.1:5000. ``/sign-out`` ends that session and expires the cookie. This module holds what the pages
-need that is not state: the HTML, the messages, the redirect check and the cookie's attributes.
+In production Clerk's Account Portal signs a person in on Clerk's Frontend API, which keeps the session in
+its own ``__client`` cookie and sets ``__client_uat`` on the registrable domain; the app's host gets **no**
+``__session`` from it and obtains one through the handshake (``clerk_standin.handshake``; Clerk's docs, "How
+Clerk works"; clerk/javascript ``packages/backend/src/tokens/request.ts``, reason
+``client-uat-but-no-session-token``). Here ``GET /sign-in`` shows a plain HTML form (email and password, no
+JavaScript); ``POST /sign-in`` checks them against the stand-in's users with Clerk's messages, starts a
+session and sets ``__client`` and ``__client_uat`` the same way. Cookies belong to a host, not to a port, so
+``__client_uat`` set on 127.0.0.1:5001 reaches the app on 127.0.0.1:5000. ``/sign-out`` ends the client's
+session and sets ``__client_uat=0``. This module holds what the pages need that is not state: the HTML, the
+messages and the redirect check.
 
 Guarantees:
 
@@ -21,10 +25,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flask import Response, render_template_string
 
-SESSION_COOKIE = "__session"
-# Clerk's tokens live 60 s and its front end refreshes them every minute; nothing refreshes a cookie set by
-# this page, so its tokens live an hour. Iris still checks their exp.
-SIGN_IN_TOKEN_LIFETIME = 3600
 # Clerk's own wording for these sign-in failures.
 ACCOUNT_NOT_FOUND = "Couldn't find your account."
 PASSWORD_INCORRECT = "Password is incorrect. Try again, or use another method."  # noqa: S105 (a message)
@@ -61,7 +61,8 @@ PAGE = """<!doctype html>
     </form>
     {% endif %}
     <p class="note">The local Clerk stand-in, for development only: Clerk's Account Portal signs people in
-      in production. A sign-in here lasts an hour.</p>
+      in production. Signing in here gives the app no session cookie: it asks the stand-in for one through
+      Clerk's handshake.</p>
   </main>
 </body>
 </html>
@@ -99,24 +100,6 @@ def allowed_redirect(url: str, allowed_origin: str) -> str | None:
         and (port or _default_port(parts.scheme)) == (allowed_port or _default_port(origin.scheme))
     )
     return urlunsplit(parts) if same else None
-
-
-def set_session_cookie(response: Response, token: str, *, secure: bool) -> None:
-    """``__session`` as Clerk's front end keeps it: host-only, ``Path=/``, ``SameSite=Lax`` and readable by
-    scripts (not HttpOnly: Clerk's front end writes it from JavaScript). Secure when the page was https."""
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        max_age=SIGN_IN_TOKEN_LIFETIME,
-        path="/",
-        samesite="Lax",
-        httponly=False,
-        secure=secure,
-    )
-
-
-def expire_session_cookie(response: Response, *, secure: bool) -> None:
-    response.delete_cookie(SESSION_COOKIE, path="/", samesite="Lax", httponly=False, secure=secure)
 
 
 def _default_port(scheme: str) -> int:

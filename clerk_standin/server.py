@@ -298,6 +298,40 @@ class StandinControl:
         """Mark a session ``pending`` (its tokens then carry ``sts: "pending"``) or ``active`` again."""
         return self._call("POST", f"/sessions/{session_id}/status", {"status": status})
 
+    def set_first_factor_age(self, session_id: str, minutes: int) -> dict[str, Any]:
+        """Say the session's first factor was verified ``minutes`` ago: its next tokens carry
+        ``fva: [minutes, -1]``. Returns the session."""
+        return self._call("POST", f"/sessions/{session_id}/first_factor", {"minutes_ago": minutes})
+
+    def set_session_actor(self, session_id: str, actor: dict[str, Any] | None) -> dict[str, Any]:
+        """Give the session an ``actor`` (``{"sub": "user_..."}``, Clerk's impersonation), or none: its next
+        tokens carry it as ``act``. Returns the session."""
+        return self._call("POST", f"/sessions/{session_id}/actor", {"actor": actor})
+
+    def handshake_settings(self) -> dict[str, Any]:
+        """``{"style": "production"|"development", "publishable_key": "pk_test_..."}``."""
+        return self._call("GET", "/handshake")
+
+    def set_handshake_style(self, style: str) -> dict[str, Any]:
+        """Send handshake payloads in a cookie (``"production"``) or in the redirect's query
+        (``"development"``)."""
+        return self._call("PUT", "/handshake", {"style": style})
+
+    def add_handshake_fault(self, kind: str, times: int | None = None) -> dict[str, Any]:
+        """Break the next ``times`` handshakes (all, when None) one way: ``bad_signature``, ``no_session``,
+        ``stale_nonce``, ``expired_token`` or ``iat_before_uat`` (``handshake.HandshakeFaults``). Adding a
+        kind again replaces its count."""
+        body: dict[str, Any] = {"kind": kind}
+        if times is not None:
+            body["times"] = times
+        return self._call("POST", "/handshake/faults", body)
+
+    def handshake_faults(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/handshake/faults")["faults"]
+
+    def clear_handshake_faults(self) -> None:
+        self._call("DELETE", "/handshake/faults")
+
     def bulk_create_users(
         self, users: list[dict[str, Any]], *, webhooks: bool = False, timeout: float = 120.0
     ) -> list[str]:
@@ -383,6 +417,7 @@ class StandinServer:
         webhook_secret: str | None = None,
         webhook_timeout: float = DEFAULT_TIMEOUT,
         webhook_retry_scale: float = 1.0,
+        handshake_style: str = "production",
     ):
         self.host = host
         self.port = port
@@ -398,6 +433,7 @@ class StandinServer:
             webhook_secret=webhook_secret,
             webhook_timeout=webhook_timeout,
             webhook_retry_scale=webhook_retry_scale,
+            handshake_style=handshake_style,
         )
         self._server: StandinWSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -1,4 +1,4 @@
-"""The stand-in's state file: users (with their password digests) and sessions, kept across restarts.
+"""The stand-in's state file: users (with their password digests), sessions and clients, kept across restarts.
 
 Off unless a path is given (``--state-file``): tests and benchmarks keep pure in-memory state. ``make run``
 keeps it in ``instance/`` next to the signing key and the app's SQLite file, so the two sides of a
@@ -11,6 +11,8 @@ registration survive a restart together. Guarantees:
   ``StateFileError``, a one-line message naming the file and what to do, for anything it cannot use
   (unreadable, not JSON, not the shape written here). It never starts empty over a file it could not read:
   the next write would destroy the users in it, while the app's database still names them.
+- Clients (the browsers signed in through the sign-in page) are kept with the SHA-256 of their ``__client``
+  token, never the token. A file written before clients existed loads with none.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,14 @@ class StateFileError(ValueError):
 
 @dataclass
 class StandinState:
-    """What the state file holds: users by id, their password digests and creation order, sessions by id."""
+    """What the state file holds: users by id, their password digests and creation order, sessions by id,
+    clients by id."""
 
     users: dict[str, dict[str, Any]]
     password_digests: dict[str, bytes]
     user_seq: dict[str, int]
     sessions: dict[str, dict[str, Any]]
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def save_state(path: str | os.PathLike[str], state: StandinState) -> None:
@@ -56,6 +60,7 @@ def save_state(path: str | os.PathLike[str], state: StandinState) -> None:
             for user_id, user in state.users.items()
         ],
         "sessions": list(state.sessions.values()),
+        "clients": list(state.clients.values()),
     }
     fd, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
@@ -97,6 +102,10 @@ def load_state(path: str | os.PathLike[str]) -> StandinState | None:
             if not isinstance(session["id"], str) or not isinstance(session["user_id"], str):
                 raise ValueError("a session without an id or user id")
             state.sessions[session["id"]] = session
+        for client in document.get("clients", []):
+            if not isinstance(client["id"], str) or not isinstance(client["token_sha256"], str):
+                raise ValueError("a client without an id or token digest")
+            state.clients[client["id"]] = client
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise StateFileError(
             f"the state file {source} is not a Clerk stand-in state file ({error}); {afresh}"
