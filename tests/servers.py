@@ -66,7 +66,8 @@ OWN_VARIABLES = (
 
 
 def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
-    """The production environment for gunicorn, against ``schema`` of the test database and the stand-in."""
+    """The production environment for gunicorn, against ``schema`` of the test database and the stand-in;
+    ``variables`` add to it or replace any of it."""
     url = sa.make_url(TEST_DATABASE_URL).set(
         drivername="postgresql", query={"options": f"-csearch_path={schema}"}
     )
@@ -85,8 +86,8 @@ def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
         # A port chosen here, not 0: with reuse_port every worker binds the address itself.
         GUNICORN_BIND=f"127.0.0.1:{free_port()}",
         PYTHONUNBUFFERED="1",
-        **variables,
     )
+    env.update(variables)
     return env
 
 
@@ -339,17 +340,29 @@ class Site:
 
     @property
     def https_url(self) -> str:
-        return f"https://127.0.0.1:{self.ports['tls']}"
+        return site_url(self.ports)
+
+
+def site_url(ports: dict[str, int]) -> str:
+    """The site's https origin, as its IRIS_PUBLIC_URL names it in the browser tests."""
+    return f"https://127.0.0.1:{ports['tls']}"
+
+
+def site_ports() -> dict[str, int]:
+    """Free ports for nginx's three servers (see ``Site``), chosen before anything starts, so that the app's
+    IRIS_PUBLIC_URL can name the site's real origin."""
+    return {"tls": free_port(), "redirect": free_port(), "plain": free_port()}
 
 
 @contextlib.contextmanager
-def behind_nginx(directory: Path, env: dict[str, str]) -> Iterator[Site]:
+def behind_nginx(directory: Path, env: dict[str, str], ports: dict[str, int] | None = None) -> Iterator[Site]:
     """gunicorn (gunicorn.conf.py, ``env``) behind deploy/nginx-iris.conf with a certificate made here for
-    https://127.0.0.1. Skips (fails in CI) without nginx, before anything starts."""
+    https://127.0.0.1, on ``ports`` (``site_ports``, chosen here when not given). Skips (fails in CI) without
+    nginx, before anything starts."""
     binary = require_nginx()
     certificate, key = write_certificate(directory)
     with Gunicorn(directory, env) as gunicorn:
-        ports = {"tls": free_port(), "redirect": free_port(), "plain": free_port()}
+        ports = ports or site_ports()
         site_path = directory / "iris-site.conf"
         site_path.write_text(site_for_test(gunicorn.port, ports, certificate, key))
         config = nginx_config(directory, site_path, ports["plain"])
