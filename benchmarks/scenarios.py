@@ -41,6 +41,7 @@ import psycopg
 import requests
 
 from benchmarks.wrk import REQUEST_TIMEOUT, UNIQUE, BenchmarkError, Result, Target, drive
+from iris.config import DEV_PUBLISHABLE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -179,6 +180,7 @@ def app_environment(standin_url: str, db_url: str, smtp_port: int = 1) -> dict[s
         # Email verification is on, as in production: each registration queues a mail, which the worker's
         # courier thread sends over SMTP after the request, here to a local sink (aiosmtpd) on ``smtp_port``.
         IRIS_PUBLIC_URL="https://accounts.example.com",
+        CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY,
         MAIL_SERVER=HOST,
         MAIL_PORT=str(smtp_port),
         # Every benchmark request comes from one address: raise the per-IP limits out of reach, so the

@@ -83,9 +83,10 @@ def _register_blueprints(app: Flask) -> None:
 
 def _init_request_handling(app: Flask) -> None:
     """Error handlers, request ids and logs, metrics, security headers, and the ``flask iris`` commands."""
-    from iris import cli, errors, metrics, observability, security
+    from iris import cli, errors, handshake, metrics, observability, security
 
     errors.init_app(app)
+    handshake.init_app(app)
     observability.init_app(app)
     metrics.init_app(app)
     security.init_app(app)

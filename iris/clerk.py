@@ -267,6 +267,23 @@ def create_session_token(session_id: str) -> str:
     return token["jwt"]
 
 
+def revoke_session(session_id: str) -> dict[str, Any]:
+    """End a session (``POST /v1/sessions/{id}/revoke``): Clerk mints no more tokens for it, and its next
+    handshake signs the browser out. Idempotent; ``NotFoundAtClerk`` when Clerk has no such session."""
+    return _call("POST", f"/sessions/{session_id}/revoke", path_template="/sessions/{id}/revoke")
+
+
+def handshake_payload(nonce: str) -> list[str]:
+    """The Set-Cookie directives a handshake left under ``nonce`` (``GET /v1/clients/handshake_payload``,
+    which clerk/javascript's ``ClientApi.getHandshakePayload`` calls; Clerk's spec lists the path without a
+    schema). Raises ``AuthProviderError`` for an answer without a list of strings, and the usual errors."""
+    answer = _call("GET", "/clients/handshake_payload", params={"nonce": nonce})
+    directives = answer.get("directives") if isinstance(answer, dict) else None
+    if not isinstance(directives, list) or not all(isinstance(item, str) for item in directives):
+        raise AuthProviderError()
+    return directives
+
+
 class NotSent(AuthProviderUnavailable):
     """The request never left: no connection to Clerk could be opened (refused, unreachable, the name not
     resolved, the connect timing out), after ``RETRIES``' one retry. Clerk did nothing, so nothing can land

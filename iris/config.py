@@ -37,6 +37,10 @@ DEV_CLERK_SECRET_KEY = "sk_test_iris_local_standin"  # noqa: S105 (the stand-in'
 # The signing secret `make run` gives the stand-in and the app, so the stand-in's webhooks verify.
 DEV_WEBHOOK_SIGNING_SECRET = "whsec_aXJpcy1sb2NhbC1zdGFuZGluLXdlYmhvb2tzLTMyYnl0ZXM="  # noqa: S105
 DEV_PUBLIC_URL = "http://127.0.0.1:5000"  # `make run`'s app (scripts/dev.py sets its own port)
+# The stand-in's instance, as a publishable key names it: its tokens' issuer, https://standin.clerk.accounts.dev
+# (clerk_standin's DEFAULT_ISSUER). Its Frontend API answers on CLERK_API_URL, which the app is told with
+# CLERK_FRONTEND_API_URL: a real instance's answers on the host the key names.
+DEV_PUBLISHABLE_KEY = "pk_test_c3RhbmRpbi5jbGVyay5hY2NvdW50cy5kZXYk"
 
 # Upper bound for any one statement or lock wait on PostgreSQL (IRIS_DB_STATEMENT_TIMEOUT_MS). A blocked
 # query (a table locked by a migration, a hung backend) would otherwise hold a gunicorn thread for as long as
@@ -283,6 +287,11 @@ def _verification_required(settings: Mapping[str, Any]) -> bool:
     return settings.get("IRIS_EMAIL_VERIFICATION") == "required"
 
 
+def _outside_development(settings: Mapping[str, Any]) -> bool:
+    """Required outside development, where the development defaults do without it."""
+    return True
+
+
 # Every service setting, by environment name. Errors are reported in this order; the required ones first, as
 # the missing-configuration message names them.
 ENVIRONMENT: dict[str, Setting] = {
@@ -308,15 +317,21 @@ ENVIRONMENT: dict[str, Setting] = {
     # front end, with no link.
     "IRIS_SIGN_IN_URL": Setting("IRIS_SIGN_IN_URL", None, _page_url),
     "IRIS_SIGN_OUT_URL": Setting("IRIS_SIGN_OUT_URL", None, _page_url),
-    "CLERK_PUBLISHABLE_KEY": Setting("CLERK_PUBLISHABLE_KEY", None, _clerk_key(issuer_from_publishable_key)),
+    # The instance's Frontend API (signed-in pages handshake there; tokens' iss must be it).
+    "CLERK_PUBLISHABLE_KEY": Setting(
+        "CLERK_PUBLISHABLE_KEY", None, _clerk_key(issuer_from_publishable_key), required=_outside_development
+    ),
+    # Where the Frontend API answers when not on the host the publishable key names (the stand-in).
+    "CLERK_FRONTEND_API_URL": Setting("CLERK_FRONTEND_API_URL", None, _public_url),
     "CLERK_JWT_KEY": Setting("CLERK_JWT_KEY", None, _clerk_key(load_jwt_key)),
     # Rate-limit counters. memory:// is per process, so several gunicorn workers need a shared store
     # (redis://...). If the store fails, requests go on with per-process counters rather than failing.
     "RATELIMIT_STORAGE_URI": Setting("RATELIMIT_STORAGE_URI", "memory://"),
     # Email verification (iris.verification): ``required`` or ``off`` (accounts count as confirmed at once).
     "IRIS_EMAIL_VERIFICATION": Setting("IRIS_EMAIL_VERIFICATION", "required", _verification),
-    # Links in mails are built from this origin, never from a request's Host.
-    "IRIS_PUBLIC_URL": Setting("IRIS_PUBLIC_URL", None, _public_url, required=_verification_required),
+    # Every absolute link (mails, sign-in and sign-out, the handshake's way back) is built from this origin,
+    # never from a request's Host.
+    "IRIS_PUBLIC_URL": Setting("IRIS_PUBLIC_URL", None, _public_url, required=_outside_development),
     "IRIS_UNVERIFIED_TTL_HOURS": Setting("IRIS_UNVERIFIED_TTL_HOURS", 168, _positive_whole_number),
     # How recent a sign-in (the token's fva[0], minutes since the first factor) deleting an account and admin
     # writes need (iris.auth.require_recent_sign_in); 0 switches the check off.
@@ -416,6 +431,11 @@ def _fill_in_development_defaults(
             settings["IRIS_SIGN_IN_URL"] = settings["CLERK_API_URL"] + "/sign-in"
         if "IRIS_SIGN_OUT_URL" not in env:
             settings["IRIS_SIGN_OUT_URL"] = settings["CLERK_API_URL"] + "/sign-out"
+        # The stand-in's instance, and its Frontend API (the handshake of signed-in pages).
+        if "CLERK_PUBLISHABLE_KEY" not in env:
+            settings["CLERK_PUBLISHABLE_KEY"] = DEV_PUBLISHABLE_KEY
+        if "CLERK_FRONTEND_API_URL" not in env:
+            settings["CLERK_FRONTEND_API_URL"] = settings["CLERK_API_URL"]
         # The secret `make run` gives the stand-in for signing its webhooks.
         if "CLERK_WEBHOOK_SIGNING_SECRET" not in env:
             settings["CLERK_WEBHOOK_SIGNING_SECRET"] = DEV_WEBHOOK_SIGNING_SECRET

@@ -36,3 +36,7 @@ class PasswordConfirmForm(ConfirmForm):
     the session. The password is checked by Clerk (``iris.auth.confirm_password``) and never sent back."""
 
     password = PasswordField("Your password", render_kw={"autocomplete": "current-password"})
+
+
+class SignOutForm(FlaskForm):
+    """The navigation's "Sign out" button: CSRF only, so no other site can sign a visitor out."""

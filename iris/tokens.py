@@ -8,7 +8,9 @@ Reading the token from a request and finding its account is ``iris.auth``'s work
 - ``exp`` is required; ``exp``, ``nbf`` and ``iat`` are checked with ``LEEWAY_SECONDS`` of clock skew.
   ``sub`` and ``sid`` are required non-empty strings. ``azp`` must be present and listed when
   CLERK_AUTHORIZED_PARTIES is non-empty. ``iss`` must equal the Frontend API origin encoded in
-  CLERK_PUBLISHABLE_KEY when that is set. A ``cat`` header other than the session category is rejected.
+  CLERK_PUBLISHABLE_KEY when that is set. A ``cat`` header other than Clerk's session category or its
+  "ignore" category (stamped on every token by instances with ``use_ignore_jwt_cat``; clerk/javascript
+  ``jwtCategories.ts``) is rejected.
 - Only an active session signs in. ``sts: "pending"`` (the session exists, but a step Clerk requires, such
   as a forced password reset, setting up MFA or choosing an organisation, is not done) is refused with a
   message saying so, as Clerk's front-end SDKs treat it as signed out. A token without ``sts`` counts as
@@ -21,7 +23,12 @@ Reading the token from a request and finding its account is ``iris.auth``'s work
   stream of JWKS requests. After a failed fetch, requests that need keys answer 503 at once for
   ``FETCH_FAILURE_BACKOFF`` seconds instead of each waiting on Clerk.
 - Every bad token raises ``Unauthorized`` (401 ``unauthorized`` with a ``WWW-Authenticate: Bearer``
-  header). JWKS unreachable raises ``AuthProviderUnavailable`` (503), never 401.
+  header); an expired one ``TokenExpired`` and one not valid yet ``TokenNotYetValid``, both ``Unauthorized``,
+  so that pages can refresh them through Clerk's handshake (``iris.handshake``). JWKS unreachable raises
+  ``AuthProviderUnavailable`` (503), never 401.
+- A handshake payload (``verify_handshake_payload``) is checked as Clerk's JS backend checks it
+  (``tokens/handshake.ts``): a session ``cat`` or none, ``typ`` JWT or none, and the instance's signature
+  (RS256 only, the same keys as session tokens); it has no expiry, subject or issuer to check.
 - No token, key or secret is ever logged or put in an error message. Log lines name only the reason.
 """
 
@@ -32,6 +39,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +55,8 @@ from iris.errors import AuthProviderError, AuthProviderUnavailable, IrisError, U
 log = logging.getLogger(__name__)
 
 SESSION_TOKEN_CATEGORY = "cl_B7d4PD111AAA"  # noqa: S105 (Clerk's public category tag, not a secret)
+# Clerk's categories a session token (and a handshake payload) may carry: the session one and "ignore".
+SESSION_TOKEN_CATEGORIES = (SESSION_TOKEN_CATEGORY, "cl_I7d4PD111III")
 ALGORITHM = "RS256"
 LEEWAY_SECONDS = 5
 # Signing keys fetched from Clerk are trusted this long before they are fetched again (Clerk's SDKs: 5 min).
@@ -57,6 +67,8 @@ REFETCH_INTERVAL = 10.0
 FETCH_FAILURE_BACKOFF = 5.0
 # Clerk session tokens are about 1 KB; anything far bigger is not one, and is refused before parsing.
 MAX_TOKEN_LENGTH = 8192
+# A handshake payload holds a session token and a few cookie directives: bigger, but a cookie all the same.
+MAX_PAYLOAD_LENGTH = 16384
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 INVALID = "The session token is invalid."
@@ -73,19 +85,9 @@ def verify_token(token: str) -> dict[str, Any]:
 
     Needs an app context (configuration, the key cache). May fetch Clerk's JWKS (module docstring).
     """
-    if len(token) > MAX_TOKEN_LENGTH or not TOKEN_SHAPE.fullmatch(token):
-        raise _rejected("malformed")
+    header = _checked_header(token, MAX_TOKEN_LENGTH)
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError:
-        raise _rejected("malformed header") from None
-    if header.get("alg") != ALGORITHM:
-        raise _rejected("algorithm not RS256")
-    if header.get("cat", SESSION_TOKEN_CATEGORY) != SESSION_TOKEN_CATEGORY:
-        raise _rejected("not a session token (cat)")
-
-    try:
-        claims = _verify_signature_and_claims(token, header)
+        claims = _verify_signature_and_claims(token, header, _decode)
     except _SignatureFailed:
         raise _rejected("bad signature") from None
 
@@ -104,14 +106,68 @@ def verify_token(token: str) -> dict[str, Any]:
     return claims
 
 
+class TokenExpired(Unauthorized):
+    """The token's ``exp`` has passed (beyond the leeway)."""
+
+
+class TokenNotYetValid(Unauthorized):
+    """The token's ``nbf`` or ``iat`` is in the future (beyond the leeway)."""
+
+
+def verify_handshake_payload(token: str) -> list[str]:
+    """The ``Set-Cookie`` directives of a handshake payload JWT that this Clerk instance signed; else
+    ``Unauthorized`` (``AuthProviderUnavailable`` when the keys cannot be had). Module docstring."""
+    header = _checked_header(token, MAX_PAYLOAD_LENGTH)
+    if header.get("typ", "JWT") != "JWT":
+        raise _rejected("handshake payload: typ not JWT")
+    try:
+        claims = _verify_signature_and_claims(token, header, _decode_signature_only)
+    except _SignatureFailed:
+        raise _rejected("handshake payload: bad signature") from None
+    directives = claims.get("handshake")
+    if not isinstance(directives, list) or not all(isinstance(item, str) for item in directives):
+        raise _rejected("handshake payload: no list of directives")
+    return directives
+
+
+def session_id_for_sign_out(token: str) -> str | None:
+    """The ``sid`` of a session token this instance signed, expired or not; None for anything else. Only for
+    ending that session: a token that is no longer valid still proves which session the browser had."""
+    try:
+        header = _checked_header(token, MAX_TOKEN_LENGTH)
+        claims = _verify_signature_and_claims(token, header, _decode_signature_only)
+    except (Unauthorized, _SignatureFailed):
+        return None
+    sid = claims.get("sid")
+    return sid if isinstance(sid, str) and sid else None
+
+
 class _SignatureFailed(Exception):
     pass
 
 
-def _verify_signature_and_claims(token: str, header: dict[str, Any]) -> dict[str, Any]:
+def _checked_header(token: str, max_length: int) -> dict[str, Any]:
+    """The header of a token of the right shape, RS256 and of a session category (or none); else raise."""
+    if len(token) > max_length or not TOKEN_SHAPE.fullmatch(token):
+        raise _rejected("malformed")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise _rejected("malformed header") from None
+    if header.get("alg") != ALGORITHM:
+        raise _rejected("algorithm not RS256")
+    if header.get("cat", SESSION_TOKEN_CATEGORY) not in SESSION_TOKEN_CATEGORIES:
+        raise _rejected("not a session token (cat)")
+    return header
+
+
+Decoder = Callable[[str, RSAPublicKey], dict[str, Any]]
+
+
+def _verify_signature_and_claims(token: str, header: dict[str, Any], decode: Decoder) -> dict[str, Any]:
     pem = current_app.config.get("CLERK_JWT_KEY")
     if pem:
-        return _decode(token, load_jwt_key(pem))  # the one key: the kid does not matter
+        return decode(token, load_jwt_key(pem))  # the one key: the kid does not matter
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise _rejected("no kid")
@@ -119,13 +175,13 @@ def _verify_signature_and_claims(token: str, header: dict[str, Any]) -> dict[str
     if key is None:
         raise _rejected("unknown kid")
     try:
-        return _decode(token, key)
+        return decode(token, key)
     except _SignatureFailed:
         # Clerk keeps the kid when it rotates its key: the cached key may be the previous one.
         fresh = _jwks_key(kid, rejected=key)
         if fresh is None:
             raise
-        return _decode(token, fresh)
+        return decode(token, fresh)
 
 
 def _decode(token: str, key: RSAPublicKey) -> dict[str, Any]:
@@ -146,14 +202,28 @@ def _decode(token: str, key: RSAPublicKey) -> dict[str, Any]:
     except jwt.InvalidSignatureError:
         raise _SignatureFailed() from None
     except jwt.ExpiredSignatureError:
-        raise _rejected("expired", EXPIRED) from None
+        raise _rejected("expired", EXPIRED, TokenExpired) from None
+    except jwt.ImmatureSignatureError:
+        raise _rejected("not valid yet", INVALID, TokenNotYetValid) from None
     except jwt.PyJWTError as error:
         raise _rejected(type(error).__name__) from None
 
 
-def _rejected(reason: str, message: str = INVALID) -> Unauthorized:
+def _decode_signature_only(token: str, key: RSAPublicKey) -> dict[str, Any]:
+    """The claims once the signature verifies, with no time, issuer or audience checked: a handshake payload
+    has none of them, and a session being signed out needs none."""
+    options = {"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False}
+    try:
+        return jwt.decode(token, key, algorithms=[ALGORITHM], options=options)
+    except jwt.InvalidSignatureError:
+        raise _SignatureFailed() from None
+    except jwt.PyJWTError as error:
+        raise _rejected(type(error).__name__) from None
+
+
+def _rejected(reason: str, message: str = INVALID, kind: type[Unauthorized] = Unauthorized) -> Unauthorized:
     log.info("session token rejected: %s", reason)
-    return Unauthorized(message)
+    return kind(message)
 
 
 @dataclass

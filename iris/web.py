@@ -1,8 +1,10 @@
 """Server-rendered pages. Views call the same service as the API and show its errors at their fields.
 
-Every page's navigation knows whether the request is signed in (``page_user``) and links to sign in and out
-through Clerk (IRIS_SIGN_IN_URL, IRIS_SIGN_OUT_URL: the Account Portal in production, the stand-in's pages in
-development), with ``redirect_url`` back to this app.
+Every page's navigation knows whether the request is signed in (``page_user``; Clerk's handshake keeps the
+``__session`` cookie fresh, ``iris.handshake``) and links to sign in through Clerk (IRIS_SIGN_IN_URL: the
+Account Portal in production, the stand-in's page in development) with ``redirect_url`` back to this app,
+and signs out with a form (``sign_out``). Every absolute link is built from IRIS_PUBLIC_URL, never from the
+request's Host.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from sqlalchemy.exc import SQLAlchemyError
 
-from iris import accounts, auth, metrics, registration, verification
+from iris import accounts, auth, clerk, handshake, metrics, registration, tokens, verification
 from iris.errors import EmailTaken, IrisError, NotFoundAtClerk, ValidationFailed
 from iris.extensions import (
     db,
@@ -23,7 +25,7 @@ from iris.extensions import (
     verification_email_limit,
     verify_password_limit,
 )
-from iris.forms import NewLinkForm, PasswordConfirmForm, SignupForm, VerifyEmailForm
+from iris.forms import NewLinkForm, PasswordConfirmForm, SignOutForm, SignupForm, VerifyEmailForm
 from iris.models import DEFAULT_ROLE, RESTAURANT, User
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def page_user() -> User | None:
     """
     if PAGE_USER not in g:
         try:
-            user = auth.current_user()
+            user = None if handshake.gave_up() else auth.current_user()
         except IrisError as error:
             log.info("page shown signed out: %s", error.code)
             user = None
@@ -64,22 +66,21 @@ def with_redirect_url(url: str, back_to: str) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
+def public_url(endpoint: str, **values: Any) -> str:
+    """The absolute address of ``endpoint`` on IRIS_PUBLIC_URL: a request's Host never makes a link."""
+    return current_app.config["IRIS_PUBLIC_URL"] + url_for(endpoint, **values)
+
+
 def sign_in_link() -> str | None:
     """IRIS_SIGN_IN_URL sending the person back to /account once signed in; None when it is not set."""
     url = current_app.config.get("IRIS_SIGN_IN_URL")
-    return with_redirect_url(url, url_for("web.account", _external=True)) if url else None
-
-
-def sign_out_link() -> str | None:
-    """IRIS_SIGN_OUT_URL sending the person back to the home page; None when it is not set."""
-    url = current_app.config.get("IRIS_SIGN_OUT_URL")
-    return with_redirect_url(url, url_for("web.home", _external=True)) if url else None
+    return with_redirect_url(url, public_url("web.account")) if url else None
 
 
 @bp.app_context_processor
 def navigation() -> dict[str, Any]:
     """For every template: functions, so a page that shows no navigation costs nothing."""
-    return {"page_user": page_user, "sign_in_link": sign_in_link, "sign_out_link": sign_out_link}
+    return {"page_user": page_user, "sign_in_link": sign_in_link, "sign_out_form": SignOutForm}
 
 
 @bp.get("/")
@@ -191,9 +192,14 @@ def new_verification_link():
 def signed_in_user() -> User | None:
     """The signed-in user of a page that is about the account (``auth.current_user``), also set as the
     navigation's page user and as ``g.user`` for the request log; None when signed out. Unlike ``page_user``
-    it raises: ``Forbidden`` (deleted account), ``UserNotFound``, and the 503s."""
+    it raises: ``Forbidden`` (deleted account), ``UserNotFound``, and the 503s; and, for a form posted with a
+    ``__session`` that Clerk's handshake would refresh (expired, say), ``handshake.SubmitAgain``: its page
+    is asked for again, which refreshes the sign-in, and nothing is done until the person submits again."""
+    if request.method == "POST" and handshake.refresh_needed():
+        setattr(g, PAGE_USER, None)
+        raise handshake.SubmitAgain()
     try:
-        user = auth.current_user()
+        user = None if handshake.gave_up() else auth.current_user()
     except (IrisError, SQLAlchemyError):
         setattr(g, PAGE_USER, None)  # the error page's navigation shows signed out, without asking again
         raise
@@ -250,6 +256,29 @@ def deletion_password_problems(user: User, password: str | None) -> list[str]:
     except ValidationFailed as refused:
         return [detail["message"] for detail in refused.details]
     return []
+
+
+@bp.post("/sign-out")
+def sign_out():
+    """Sign out without clerk-js (CSRF-checked form in the navigation): the session of the ``__session``
+    cookie is revoked at Clerk (``POST /v1/sessions/{id}/revoke``) when the cookie names one this instance
+    signed, expired or not; the cookie is cleared; then Clerk's own sign-out (IRIS_SIGN_OUT_URL, with
+    ``redirect_url`` back to the home page), or the home page. Clerk failing does not keep anyone signed
+    in: Clerk's sign-out page, or the next page's handshake, ends the session through Clerk's own cookie."""
+    token = request.cookies.get(handshake.SESSION_COOKIE, "")
+    session_id = tokens.session_id_for_sign_out(token) if token else None
+    if session_id is not None:
+        try:
+            clerk.revoke_session(session_id)
+        except NotFoundAtClerk:
+            pass  # already gone
+        except IrisError as error:
+            log.warning("sign-out: Clerk did not revoke the session (%s); its sign-out ends it", error.code)
+    url = current_app.config.get("IRIS_SIGN_OUT_URL")
+    home = public_url("web.home")
+    response = redirect(with_redirect_url(url, home) if url else home, 303)
+    response.delete_cookie(handshake.SESSION_COOKIE, path="/", samesite="Lax", secure=request.is_secure)
+    return response
 
 
 @bp.get("/account/deleted")

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import jwt
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.helpers import unavailable
-from tests.servers import Site, app_environment, behind_nginx
+from tests.servers import Site, app_environment, behind_nginx, site_ports, site_url
 
 CHROMIUM = os.environ.get("IRIS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -101,9 +102,21 @@ def browser_site(directory: Path, schema: str, standin) -> Iterator[BrowserSite]
     """The production stack on ``schema`` and a Chromium trusting its certificate (skips/fails first if
     either nginx or Chromium is missing)."""
     require_chromium()
-    env = app_environment(schema, standin, IRIS_PROXY_HOPS="1")
-    with behind_nginx(directory, env) as site, chromium(site.certificate) as browser:
+    ports = site_ports()
+    env = app_environment(schema, standin, IRIS_PROXY_HOPS="1", IRIS_PUBLIC_URL=site_url(ports))
+    with behind_nginx(directory, env, ports) as site, chromium(site.certificate) as browser:
         yield BrowserSite(site, schema, browser)
+
+
+def signed_in_cookies(token: str, url: str) -> list[dict[str, str]]:
+    """The Clerk cookies a browser holds for ``url`` after a sign-in and a handshake (iris.handshake): the
+    session token in ``__session`` and, no newer than the token, ``__client_uat``. For tests about something
+    else; the protocol itself runs in tests/test_handshake_browser.py."""
+    issued_at = jwt.decode(token, options={"verify_signature": False})["iat"]
+    return [
+        {"name": "__session", "value": token, "url": url},
+        {"name": "__client_uat", "value": str(issued_at), "url": url},
+    ]
 
 
 def accounts(admin_engine: sa.Engine, schema: str, email: str) -> list[sa.Row]:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import flask_migrate
 import jwt
@@ -402,7 +403,7 @@ def link_in(message: Any) -> str:
     """The verification link's path in a received mail's plain text part."""
     text = message.get_body(preferencelist=("plain",)).get_content()
     [link] = [word for word in text.split() if "/verify-email/" in word]
-    return link.split("https://iris.test", 1)[1]
+    return urlsplit(link).path
 
 
 # ---- accounts over their life: admins, deactivation, the audit trail

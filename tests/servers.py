@@ -28,6 +28,7 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
+from iris.config import DEV_PUBLISHABLE_KEY
 from tests.helpers import TEST_DATABASE_URL, dispose, free_port, make_test_app, migrate, unavailable
 from tests.tls import self_signed_certificate
 
@@ -65,7 +66,8 @@ OWN_VARIABLES = (
 
 
 def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
-    """The production environment for gunicorn, against ``schema`` of the test database and the stand-in."""
+    """The production environment for gunicorn, against ``schema`` of the test database and the stand-in;
+    ``variables`` add to it or replace any of it."""
     url = sa.make_url(TEST_DATABASE_URL).set(
         drivername="postgresql", query={"options": f"-csearch_path={schema}"}
     )
@@ -74,6 +76,9 @@ def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
         DATABASE_URL=url.render_as_string(hide_password=False),
         FLASK_SECRET_KEY="test",
         IRIS_PUBLIC_URL="https://iris.test",
+        # The stand-in's instance; its Frontend API (the handshake) answers on its own address.
+        CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY,
+        CLERK_FRONTEND_API_URL=standin.base_url,
         MAIL_SERVER="127.0.0.1",
         MAIL_PORT="1",  # nothing listens: mails stay in the outbox unless a test passes its own server
         CLERK_SECRET_KEY=standin.secret_key,
@@ -81,8 +86,8 @@ def app_environment(schema: str, standin, **variables: str) -> dict[str, str]:
         # A port chosen here, not 0: with reuse_port every worker binds the address itself.
         GUNICORN_BIND=f"127.0.0.1:{free_port()}",
         PYTHONUNBUFFERED="1",
-        **variables,
     )
+    env.update(variables)
     return env
 
 
@@ -370,17 +375,29 @@ class Site:
 
     @property
     def https_url(self) -> str:
-        return f"https://127.0.0.1:{self.ports['tls']}"
+        return site_url(self.ports)
+
+
+def site_url(ports: dict[str, int]) -> str:
+    """The site's https origin, as its IRIS_PUBLIC_URL names it in the browser tests."""
+    return f"https://127.0.0.1:{ports['tls']}"
+
+
+def site_ports() -> dict[str, int]:
+    """Free ports for nginx's listeners (see ``Site``), chosen before anything starts, so that the app's
+    IRIS_PUBLIC_URL can name the site's real origin."""
+    return {"tls": free_port(), "tls_shared": free_port(), "redirect": free_port(), "plain": free_port()}
 
 
 @contextlib.contextmanager
-def behind_nginx(directory: Path, env: dict[str, str]) -> Iterator[Site]:
+def behind_nginx(directory: Path, env: dict[str, str], ports: dict[str, int] | None = None) -> Iterator[Site]:
     """gunicorn (gunicorn.conf.py, ``env``) behind deploy/nginx-iris.conf with a certificate made here for
-    https://127.0.0.1. Skips (fails in CI) without nginx, before anything starts."""
+    https://127.0.0.1, on ``ports`` (``site_ports``, chosen here when not given). Skips (fails in CI) without
+    nginx, before anything starts."""
     binary = require_nginx()
     certificate, key = write_certificate(directory)
     with Gunicorn(directory, env) as gunicorn:
-        ports = {"tls": free_port(), "tls_shared": free_port(), "redirect": free_port(), "plain": free_port()}
+        ports = ports or site_ports()
         site_path = directory / "iris-site.conf"
         access_log = directory / "iris-access.log"
         site_path.write_text(site_for_test(gunicorn.port, ports, certificate, key, access_log))

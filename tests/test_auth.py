@@ -293,10 +293,18 @@ def test_a_malformed_publishable_key_fails_the_first_request_with_the_reason_log
 # ---- the cat header
 
 
-@pytest.mark.parametrize("category", ["cl_B7d4PD222AAA", "cl_B7d4PD333AAA", "cl_I7d4PD111III", ""])
+@pytest.mark.parametrize("category", ["cl_B7d4PD222AAA", "cl_B7d4PD333AAA", "cl_I7d4PD111IIJ", ""])
 def test_a_token_of_another_category_is_401(client, standin, user, category):
     token = standin.control.sign(claims(user["clerk_user_id"]), {"cat": category})
     assert_unauthorized(client.get(ME, headers=bearer(token)), token)
+
+
+def test_a_token_of_clerks_ignore_category_is_accepted(client, standin, user):
+    """Instances with ``use_ignore_jwt_cat`` stamp ``cl_I7d4PD111III`` on every token, session tokens
+    included; Clerk's JS backend accepts it beside the session category (clerk/javascript
+    jwtCategories.ts)."""
+    token = standin.control.sign(claims(user["clerk_user_id"]), {"cat": "cl_I7d4PD111III"})
+    assert client.get(ME, headers=bearer(token)).status_code == 200
 
 
 def test_a_token_without_cat_is_accepted(client, standin, user):

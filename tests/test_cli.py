@@ -194,7 +194,7 @@ def flask_command(*args: str, **environ: str) -> subprocess.CompletedProcess:
 
 MISSING = (
     "Iris cannot start: missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY,"
-    " IRIS_PUBLIC_URL, MAIL_SERVER."
+    " CLERK_PUBLISHABLE_KEY, IRIS_PUBLIC_URL, MAIL_SERVER."
 )
 
 

@@ -39,6 +39,7 @@ import requests
 import sqlalchemy as sa
 
 from iris import clerk, create_app, security
+from iris.config import DEV_PUBLISHABLE_KEY
 from iris.extensions import db
 from tests.helpers import PASSWORD, URL
 from tests.servers import (
@@ -72,6 +73,7 @@ def effective_config(**variables: str) -> tuple[subprocess.CompletedProcess[str]
         IRIS_PUBLIC_URL="https://iris.test",
         MAIL_SERVER="127.0.0.1",
         CLERK_SECRET_KEY="sk_test_unused",
+        CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY,
         **variables,
     )
     finished = subprocess.run(

@@ -7,23 +7,31 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from iris import config, create_app
 
-# What verification (on by default) needs outside development.
-MAIL = MappingProxyType({"IRIS_PUBLIC_URL": "https://iris.example/", "MAIL_SERVER": "smtp.example"})
+# What outside development needs beyond the database and the keys: the site's public origin and Clerk's
+# publishable key (links, the handshake) and, with verification on (the default), a mail server.
+PUBLIC = MappingProxyType(
+    {
+        "IRIS_PUBLIC_URL": "https://iris.example/",
+        "CLERK_PUBLISHABLE_KEY": "pk_live_Y2xlcmsuaXJpcy5leGFtcGxlJA",  # clerk.iris.example
+    }
+)
+MAIL = MappingProxyType({**PUBLIC, "MAIL_SERVER": "smtp.example"})
 
 
 def test_outside_development_every_missing_variable_is_named_at_once(tmp_path):
     with pytest.raises(config.ConfigError) as raised:
         config.from_environment({}, development=False, instance_path=str(tmp_path))
     assert (
-        "missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY, IRIS_PUBLIC_URL,"
-        " MAIL_SERVER." in str(raised.value)
+        "missing required configuration DATABASE_URL, CLERK_SECRET_KEY, FLASK_SECRET_KEY,"
+        " CLERK_PUBLISHABLE_KEY, IRIS_PUBLIC_URL, MAIL_SERVER." in str(raised.value)
     )
 
 
 def test_blank_values_count_as_missing(tmp_path):
     environ = {"DATABASE_URL": "  ", "FLASK_SECRET_KEY": "s3cret", "CLERK_SECRET_KEY": "sk_live_x"}
     with pytest.raises(
-        config.ConfigError, match=r"configuration DATABASE_URL, IRIS_PUBLIC_URL, MAIL_SERVER\."
+        config.ConfigError,
+        match=r"configuration DATABASE_URL, CLERK_PUBLISHABLE_KEY, IRIS_PUBLIC_URL, MAIL_SERVER\.",
     ):
         config.from_environment(environ, development=False, instance_path=str(tmp_path))
 
@@ -170,6 +178,8 @@ def test_flask_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CLERK_SECRET_KEY", "sk_x")
     monkeypatch.setenv("FLASK_MAX_CONTENT_LENGTH", "1234")
     monkeypatch.setenv("IRIS_EMAIL_VERIFICATION", "off")
+    for name, value in PUBLIC.items():
+        monkeypatch.setenv(name, value)
     app = create_app()
     assert app.config["SECRET_KEY"] == "from-env"
     assert app.config["MAX_CONTENT_LENGTH"] == 1234
@@ -220,10 +230,17 @@ def test_the_direct_engine_for_migrations_carries_no_statement_timeout():
 
 def test_verification_required_needs_a_public_url_and_a_mail_server_outside_development(tmp_path):
     base = {"DATABASE_URL": "sqlite://", "FLASK_SECRET_KEY": "k", "CLERK_SECRET_KEY": "sk_x"}
-    with pytest.raises(config.ConfigError, match=r"configuration IRIS_PUBLIC_URL, MAIL_SERVER\. Set them"):
+    with pytest.raises(
+        config.ConfigError, match=r"configuration CLERK_PUBLISHABLE_KEY, IRIS_PUBLIC_URL, MAIL_SERVER\. Set"
+    ):
         config.from_environment(base, development=False, instance_path=str(tmp_path))
-    off = {**base, "IRIS_EMAIL_VERIFICATION": "off"}
+    off = {**base, **PUBLIC, "IRIS_EMAIL_VERIFICATION": "off"}
     assert config.from_environment(off, development=False, instance_path=str(tmp_path))["MAIL_SERVER"] is None
+    only_mail_optional = r"configuration CLERK_PUBLISHABLE_KEY, IRIS_PUBLIC_URL\. Set"
+    with pytest.raises(config.ConfigError, match=only_mail_optional):
+        config.from_environment(
+            {**base, "IRIS_EMAIL_VERIFICATION": "off"}, development=False, instance_path=str(tmp_path)
+        )
     settings = config.from_environment({**base, **MAIL}, development=False, instance_path=str(tmp_path))
     assert settings["IRIS_PUBLIC_URL"] == "https://iris.example"
     assert settings["IRIS_UNVERIFIED_TTL_HOURS"] == 168

@@ -23,9 +23,17 @@ import sqlalchemy as sa
 from playwright.sync_api import Page
 
 from iris import errors
-from tests.browsers import BrowserSite, accounts, chromium, other_site, require_chromium, screenshot
+from tests.browsers import (
+    BrowserSite,
+    accounts,
+    chromium,
+    other_site,
+    require_chromium,
+    screenshot,
+    signed_in_cookies,
+)
 from tests.helpers import PASSWORD, clerk_users, link_in, session_token, smtp_server
-from tests.servers import app_environment, behind_nginx, migrated_schema
+from tests.servers import app_environment, behind_nginx, migrated_schema, site_ports, site_url
 
 
 @dataclass
@@ -74,7 +82,7 @@ def fill_own_password(page: Page) -> None:
 
 def registered_in_the_browser(web: MailingSite) -> tuple[str, str]:
     """A new account made on the sign-up page of the stack: its email and the path of the link the stack
-    mailed to it (the link itself is on the stack's IRIS_PUBLIC_URL, https://iris.test)."""
+    mailed to it (the link itself is on the stack's IRIS_PUBLIC_URL, the site's own origin)."""
     email = f"link-{uuid.uuid4().hex[:8]}@bistro.example"
     context = web.browser.new_context()
     try:
@@ -165,6 +173,10 @@ FORM_PAGES: Mapping[str, FormPage] = MappingProxyType(
             button="Yes, reactivate it",
             session=an_admins_session,
         ),
+        # The navigation's "Sign out" on every page of a signed-in person.
+        "/sign-out": FormPage(
+            path=lambda web: "/account", fill=fill_nothing, button="Sign out", session=a_new_owners_session
+        ),
     }
 )
 
@@ -175,9 +187,10 @@ def web(admin_engine, standin_server, tmp_path_factory) -> Iterator[MailingSite]
     directory = tmp_path_factory.mktemp("forms")
     require_chromium()
     with migrated_schema(admin_engine) as schema, smtp_server() as mailbox:
-        env = app_environment(schema, standin_server, IRIS_PROXY_HOPS="1")
+        ports = site_ports()
+        env = app_environment(schema, standin_server, IRIS_PROXY_HOPS="1", IRIS_PUBLIC_URL=site_url(ports))
         env["MAIL_PORT"] = str(mailbox.port)
-        with behind_nginx(directory, env) as site, chromium(site.certificate) as browser:
+        with behind_nginx(directory, env, ports) as site, chromium(site.certificate) as browser:
             yield MailingSite(site, schema, browser, mailbox, standin_server, admin_engine)
 
 
@@ -211,7 +224,7 @@ def test_every_form_page_is_in_the_browser_harness(make_app):
 def test_each_form_page_is_accepted_over_https_in_the_browser(web, page, rule):
     form_page = FORM_PAGES[rule]
     if form_page.session is not None:
-        page.context.add_cookies([{"name": "__session", "value": form_page.session(web), "url": web.url}])
+        page.context.add_cookies(signed_in_cookies(form_page.session(web), web.url))
     url = web.url + form_page.path(web)
     opened = page.goto(url)
     assert opened is not None and opened.status == 200

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from playwright.sync_api import Page
 
-from tests.browsers import BrowserSite, browser_site, screenshot
+from tests.browsers import BrowserSite, browser_site, screenshot, signed_in_cookies
 from tests.helpers import PASSWORD, clerk_user_state, session_token
 from tests.servers import migrated_schema
 
@@ -76,7 +76,7 @@ def visitor(web) -> Iterator[Page]:
 def signed_in(page: Page, web: BrowserSite, standin, clerk_user_id: str) -> None:
     """The __session cookie Clerk's frontend would set for this user."""
     token = session_token(standin, clerk_user_id, 600)
-    page.context.add_cookies([{"name": "__session", "value": token, "url": web.url}])
+    page.context.add_cookies(signed_in_cookies(token, web.url))
 
 
 def press(page: Page, name: str) -> int:

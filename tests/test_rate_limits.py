@@ -18,6 +18,7 @@ import redis
 import requests
 import sqlalchemy as sa
 
+from iris.config import DEV_PUBLISHABLE_KEY
 from tests.helpers import PASSWORD, TEST_DATABASE_URL, URL, assert_error, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +92,10 @@ def start_gunicorn(schema, standin, storage_uri, prefix):
         "FLASK_SECRET_KEY": "test",
         "CLERK_SECRET_KEY": standin.secret_key,
         "CLERK_API_URL": standin.base_url,
-        # Required in production while verification is on; nothing listens on port 1, so mails stay unsent.
+        # Required in production (IRIS_PUBLIC_URL, CLERK_PUBLISHABLE_KEY) and while verification is on
+        # (MAIL_SERVER); nothing listens on port 1, so mails stay unsent.
         "IRIS_PUBLIC_URL": "https://iris.test",
+        "CLERK_PUBLISHABLE_KEY": DEV_PUBLISHABLE_KEY,
         "MAIL_SERVER": "127.0.0.1",
         "MAIL_PORT": "1",
         "RATELIMIT_STORAGE_URI": storage_uri,

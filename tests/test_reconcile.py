@@ -19,6 +19,7 @@ from flask import Flask
 
 from clerk_standin import DEFAULT_SECRET_KEY
 from iris import clerk
+from iris.config import DEV_PUBLISHABLE_KEY
 from iris.errors import RateLimited
 from iris.extensions import db
 from iris.maintenance import LOCK_KEY
@@ -362,6 +363,8 @@ def test_on_a_terminal_reconcile_shows_progress_and_in_cron_it_does_not(app, sch
         "CLERK_API_URL": standin.base_url,
         "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
         "FLASK_SECRET_KEY": "test",
+        "IRIS_PUBLIC_URL": "https://iris.test",
+        "CLERK_PUBLISHABLE_KEY": DEV_PUBLISHABLE_KEY,
         "IRIS_EMAIL_VERIFICATION": "off",
         "FLASK_APP": "wsgi",
         "COLUMNS": "100",

@@ -1,11 +1,14 @@
 """Signing in locally, in a real browser, the way a newcomer does after `make run`: Chromium registers on the
-app, follows "Sign in" to the Clerk stand-in's page, gets the ``__session`` cookie it sets and lands on
-/account signed in; then signs out.
+app, follows "Sign in" to the Clerk stand-in's page, which sets ``__client`` and ``__client_uat`` (never
+``__session``, as Clerk's Account Portal never does), lands on /account, where one handshake with the
+stand-in's Frontend API brings the ``__session`` cookie, signed in; then signs out.
 
 The servers are `make run`'s, over plain http on loopback: the app under gunicorn with FLASK_DEBUG=1 (the
 development settings, so IRIS_SIGN_IN_URL and IRIS_SIGN_OUT_URL default to the stand-in's pages) on
 PostgreSQL, and a stand-in of its own whose allowed origin is the app's. Both are on 127.0.0.1: cookies
-belong to a host, not a port, so the stand-in's cookie reaches the app as Clerk's reaches a production app.
+belong to a host, not a port, so the stand-in's ``__client_uat`` reaches the app as Clerk's reaches a
+production app from the parent domain. The same protocol in production's setting (TLS nginx, Secure cookies)
+is tests/test_handshake_browser.py.
 
 Needs Chromium (tests/browsers.py): without it this skips on a developer's machine and fails in CI.
 """
@@ -42,8 +45,9 @@ def dev(admin_engine, tmp_path_factory) -> Iterator[DevelopmentSite]:
         StandinServer(azp=app_url) as standin,
         migrated_schema(admin_engine) as schema,
     ):
-        env = app_environment(schema, standin, FLASK_DEBUG="1")
-        env["GUNICORN_BIND"] = f"127.0.0.1:{port}"  # the origin the stand-in sends people back to
+        # The origin the stand-in sends people back to, and the app's own links and handshakes name.
+        env = app_environment(schema, standin, FLASK_DEBUG="1", IRIS_PUBLIC_URL=app_url)
+        env["GUNICORN_BIND"] = f"127.0.0.1:{port}"
         # No Clerk key, as with `make run`: development's defaults point at the stand-in (CLERK_API_URL).
         del env["CLERK_SECRET_KEY"]
         with (
@@ -65,11 +69,16 @@ def page(dev) -> Iterator[Page]:
 
 
 def nav_links(page: Page) -> list[str]:
-    return [text.strip() for text in page.locator("header nav a").all_inner_texts()]
+    """The navigation's links and buttons ("Sign out" is a form's button), by their text."""
+    return [text.strip() for text in page.locator("header nav a, header nav button").all_inner_texts()]
 
 
 def session_cookies(page: Page) -> list[dict]:
     return [cookie for cookie in page.context.cookies() if cookie["name"] == "__session"]
+
+
+def handshakes(standin: StandinServer) -> int:
+    return standin.control.stats()["requests"].get("GET /v1/client/handshake", 0)
 
 
 def test_register_sign_in_through_the_standin_see_the_account_and_sign_out(dev, page):
@@ -101,12 +110,14 @@ def test_register_sign_in_through_the_standin_see_the_account_and_sign_out(dev, 
     screenshot(page, "sign-in-wrong-password.png")
 
     page.get_by_label("Password").fill(PASSWORD)
+    before = handshakes(dev.standin)
     page.get_by_role("button", name="Continue").click()
     page.wait_for_url(dev.app_url + "/account")
     assert page.title() == "Your account · Iris"
     assert email in page.locator("main").inner_text()
     assert nav_links(page) == ["Account", "Sign out"]
-    [cookie] = session_cookies(page)
+    assert handshakes(dev.standin) == before + 1
+    [cookie] = session_cookies(page)  # written by the app from the handshake's directives
     assert (cookie["domain"], cookie["path"], cookie["sameSite"], cookie["httpOnly"]) == (
         "127.0.0.1",
         "/",
@@ -117,10 +128,12 @@ def test_register_sign_in_through_the_standin_see_the_account_and_sign_out(dev, 
     assert nav_links(page) == ["Account", "Sign out"]
     screenshot(page, "signed-in-signup-page.png")
 
-    page.get_by_role("link", name="Sign out").click()
+    page.get_by_role("button", name="Sign out").click()
     page.wait_for_url(dev.app_url + "/")
     assert nav_links(page) == ["Sign up", "Sign in"]
     assert session_cookies(page) == []
+    [uat] = [cookie for cookie in page.context.cookies() if cookie["name"] == "__client_uat"]
+    assert uat["value"] == "0"  # the stand-in's sign-out, as Clerk's, says so to every app
     page.goto(dev.app_url + "/account")
     assert page.get_by_role("heading", level=1).inner_text() == "You are signed out"
     assert page.locator("main").get_by_role("link", name="Sign in").get_attribute("href") == (

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from iris.config import DEV_PUBLISHABLE_KEY
 from tests.helpers import PASSWORD, clerk_users, migrate, rows
 
 EMAIL = "owner@bistro.example"
@@ -189,6 +190,8 @@ def test_the_session_cookie_is_secure_everywhere_but_the_development_server(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CLERK_SECRET_KEY", "sk_test_x")
     monkeypatch.setenv("IRIS_EMAIL_VERIFICATION", "off")
+    monkeypatch.setenv("IRIS_PUBLIC_URL", "https://iris.test")
+    monkeypatch.setenv("CLERK_PUBLISHABLE_KEY", DEV_PUBLISHABLE_KEY)
     assert create_app().config["SESSION_COOKIE_SECURE"] is secure
 
 
