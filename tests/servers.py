@@ -340,6 +340,42 @@ class Nginx:
         return "\n".join(parts)
 
 
+@contextlib.contextmanager
+def tls_proxy(directory: Path, port: int, upstream_port: int, certificate: Path) -> Iterator[str]:
+    """nginx on ``port`` terminating TLS (``certificate``, its key beside it as ``write_certificate`` leaves
+    it) for the plain-http server on ``upstream_port``: the stand-in, whose Frontend API and Account Portal
+    pages are https in production, as Secure cookies need. Yields its https origin."""
+    binary = require_nginx()
+    key = certificate.with_name("tls.key")
+    config = f"""
+daemon off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/nginx-error.log notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log {directory}/nginx-access.log;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {certificate};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-Proto https;
+        }}
+    }}
+}}
+"""
+    with Nginx(binary, directory, config, [port]):
+        yield f"https://127.0.0.1:{port}"
+
+
 # --- the site: nginx -> gunicorn -> app ------------------------------------------------------------------
 
 
