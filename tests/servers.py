@@ -259,6 +259,18 @@ def nginx_config(directory: Path, site_path: Path, plain_port: int) -> str:
     site = NGINX_SITE.read_text()
     locations = re.findall(r"^    location / \{\n.*?^    \}\n", site, re.MULTILINE | re.DOTALL)
     assert len(locations) == 1, f"{NGINX_SITE.name} should have one `location /` block"
+    return nginx_main(
+        directory,
+        f"""    include {site_path};
+    server {{
+        listen 127.0.0.1:{plain_port};
+{locations[0]}    }}
+""",
+    )
+
+
+def nginx_main(directory: Path, servers: str) -> str:
+    """A private main configuration in ``directory`` (pid, logs, temporary files) holding ``servers``."""
     return f"""
 daemon off;
 worker_processes 1;
@@ -272,11 +284,7 @@ http {{
     fastcgi_temp_path {directory}/fastcgi;
     uwsgi_temp_path {directory}/uwsgi;
     scgi_temp_path {directory}/scgi;
-    include {site_path};
-    server {{
-        listen 127.0.0.1:{plain_port};
-{locations[0]}    }}
-}}
+{servers}}}
 """
 
 
@@ -347,20 +355,9 @@ def tls_proxy(directory: Path, port: int, upstream_port: int, certificate: Path)
     pages are https in production, as Secure cookies need. Yields its https origin."""
     binary = require_nginx()
     key = certificate.with_name("tls.key")
-    config = f"""
-daemon off;
-worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {directory}/nginx-error.log notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log {directory}/nginx-access.log;
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    server {{
+    config = nginx_main(
+        directory,
+        f"""    server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {certificate};
         ssl_certificate_key {key};
@@ -370,8 +367,8 @@ http {{
             proxy_set_header X-Forwarded-Proto https;
         }}
     }}
-}}
-"""
+""",
+    )
     with Nginx(binary, directory, config, [port]):
         yield f"https://127.0.0.1:{port}"
 
