@@ -161,8 +161,10 @@ def gave_up() -> bool:
 
 def before_page_request() -> Response | None:
     """Resolve a handshake that came back, or start one; None lets the page render as it would."""
+    if not eligible():
+        return None
     api = frontend_api()
-    if api is None or not eligible():
+    if api is None:
         return None
     payload = _returned_payload()
     if payload is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import MappingProxyType
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -20,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from iris.config import DEV_PUBLISHABLE_KEY
 from iris.handshake import STATE_PARAMETER
 from iris.tokens import SESSION_TOKEN_CATEGORY
-from tests.helpers import b64url, claims, migrate, register, session_token
+from tests.helpers import PASSWORD, b64url, claims, migrate, register, session_token
 
 PUBLIC_URL = "https://iris.test"
-DOCUMENT = {"Sec-Fetch-Dest": "document", "Accept": "text/html"}
+DOCUMENT = MappingProxyType({"Sec-Fetch-Dest": "document", "Accept": "text/html"})
 STATE_COOKIE = "__Host-iris_handshake"
 EPOCH = "Expires=Thu, 01 Jan 1970 00:00:00 GMT"
 
@@ -393,3 +394,93 @@ def test_a_forged_session_cookie_revokes_nothing_but_still_signs_out(client, sta
     assert response.status_code == 303
     assert response.headers["Location"] == PUBLIC_URL + "/"
     assert "POST /v1/sessions/<session_id>/revoke" not in standin.control.stats()["requests"]
+
+
+# ---- the nonce: the payload left at the Backend API
+
+
+def nonce_for_a_signed_in_client(standin, redirect_url: str) -> str:
+    """Sign in on the stand-in's page (its ``__client``), then ask its Frontend API for a nonce-format
+    handshake, as a browser would be sent: the nonce it leaves in ``__clerk_handshake_nonce``."""
+    import requests
+
+    signed_in = requests.post(
+        standin.base_url + "/sign-in",
+        data={
+            "email": "owner@bistro.example",
+            "password": PASSWORD,
+            "redirect_url": "http://127.0.0.1:5000/",
+        },
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert signed_in.status_code == 303, signed_in.text
+    answer = requests.get(
+        standin.base_url + "/v1/client/handshake",
+        params={"redirect_url": redirect_url, "format": "nonce"},
+        cookies={"__client": signed_in.cookies["__client"]},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert answer.status_code == 307, answer.text
+    return answer.cookies["__clerk_handshake_nonce"]
+
+
+def test_a_nonce_is_swapped_at_the_backend_api_and_its_directives_applied(client, standin, user):
+    state = start(client)
+    nonce = nonce_for_a_signed_in_client(standin, "http://127.0.0.1:5000/account")
+    client.set_cookie("__clerk_handshake_nonce", nonce, domain="localhost")
+    response = client.get("/account", query_string={STATE_PARAMETER: state}, headers=DOCUMENT)
+    assert response.status_code == 303
+    session = [c for c in set_cookies(response) if c.startswith("__session=")]
+    assert len(session) == 1 and not session[0].startswith("__session=;")
+    assert standin.control.stats()["requests"].get("GET /v1/clients/handshake_payload") == 1
+
+
+def test_a_nonce_clerk_no_longer_has_changes_nothing(app, client, standin, user, caplog):
+    state = start(client)
+    nonce = nonce_for_a_signed_in_client(standin, "http://127.0.0.1:5000/account")
+    client.set_cookie("__clerk_handshake_nonce", nonce, domain="localhost")
+    client.get("/account", query_string={STATE_PARAMETER: state}, headers=DOCUMENT)  # used once
+    client = app.test_client()  # another browser, or the same one again, with that nonce
+    state = start(client)
+    client.set_cookie("__clerk_handshake_nonce", nonce, domain="localhost")
+    with caplog.at_level(logging.WARNING, logger="iris.handshake"):
+        response = client.get("/account", query_string={STATE_PARAMETER: state}, headers=DOCUMENT)
+    assert not any(c.startswith(("__session=", "__client_uat=")) for c in set_cookies(response))
+    assert "handshake payload refused (nonce): auth_provider_error" in caplog.text
+    assert nonce not in caplog.text
+
+
+# ---- absolute links never come from the Host header
+
+
+def test_no_page_ever_names_the_requests_host(make_app, standin, user):
+    """Signed in or not, every page the navigation reaches, the way back from a handshake and the sign-out
+    answer carry IRIS_PUBLIC_URL's origin, whatever Host the request named (nginx's default server refuses
+    unknown hosts too; the app does not rely on it)."""
+    app = make_app(
+        CLERK_FRONTEND_API_URL=standin.base_url,
+        CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY,
+        IRIS_SIGN_IN_URL="https://accounts.iris.test/sign-in",
+        IRIS_SIGN_OUT_URL="https://accounts.iris.test/sign-out",
+    )
+    migrate(app)
+    evil = {"Host": "evil.example"}
+    for signed_in_now in (False, True):
+        client = app.test_client()
+        if signed_in_now:
+            client.set_cookie(
+                "__session", session_token(standin, user["clerk_user_id"]), domain="evil.example"
+            )
+            client.set_cookie("__client_uat", str(now() - 5), domain="evil.example")
+        for path in ("/", "/signup", "/account", "/account/delete", "/verify-email", "/docs", "/nowhere"):
+            response = client.get(path, headers={**DOCUMENT, **evil})
+            assert response.status_code in (200, 302, 404), (path, response.status_code)
+            seen = response.get_data(as_text=True) + str(response.headers)
+            assert "evil.example" not in seen, path
+        answer = client.post("/sign-out", headers=evil)
+        assert "evil.example" not in str(answer.headers)
+    client = app.test_client()
+    client.set_cookie("__client_uat", str(now()), domain="evil.example")
+    assert "evil.example" not in page(client, "/account", headers=evil).headers["Location"]
