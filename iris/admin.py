@@ -21,6 +21,7 @@ from iris.errors import (
     UserNotFound,
     ValidationFailed,
 )
+from iris.extensions import wrong_passwords_limited
 from iris.forms import PasswordConfirmForm
 from iris.models import ROLES, User
 from iris.web import signed_in_user
@@ -99,14 +100,14 @@ def user(user_id: uuid.UUID):
 
 
 @bp.route("/users/<uuid:user_id>/deactivate", methods=["GET", "POST"])
-@auth.wrong_passwords_limited
+@wrong_passwords_limited()
 def deactivate(user_id: uuid.UUID):
     """The confirmation step of deactivating (``confirm``). Your own account cannot be: the 409 page."""
     return confirm(user_id, "deactivate")
 
 
 @bp.route("/users/<uuid:user_id>/reactivate", methods=["GET", "POST"])
-@auth.wrong_passwords_limited
+@wrong_passwords_limited()
 def reactivate(user_id: uuid.UUID):
     """The confirmation step of reactivating (``confirm``)."""
     return confirm(user_id, "reactivate")

@@ -50,7 +50,7 @@ from iris.errors import (
     Unauthorized,
     UserNotFound,
 )
-from iris.extensions import db, limiter
+from iris.extensions import db
 from iris.models import ADMIN, User
 from iris.tokens import verify_token
 
@@ -61,8 +61,6 @@ SESSION_COOKIE = "__session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # The audit trail's actor_name for a change made under impersonation: this prefix and the act claim's sub.
 IMPERSONATOR_PREFIX = "impersonator:"
-# Wrong passwords on the pages that ask for one, per client IP (RATELIMIT_WRONG_PASSWORD overrides).
-WRONG_PASSWORD_LIMIT = "5 per minute; 20 per hour"  # noqa: S105 (a rate, not a password)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -240,18 +238,6 @@ def confirm_password(user: User, password: str | None) -> None:
         raise PasswordIncorrect()
 
 
-def wrong_password_limit() -> str:
-    """The limit on wrong passwords per client IP, shared by every page that asks for one:
-    RATELIMIT_WRONG_PASSWORD, default ``WRONG_PASSWORD_LIMIT``. Only 422 answers count
-    (``wrong_password``)."""
-    return current_app.config.get("RATELIMIT_WRONG_PASSWORD") or WRONG_PASSWORD_LIMIT
-
-
-def wrong_password(response: Any) -> bool:
-    """Flask-Limiter's ``deduct_when``: a page answered 422, so the password it was given was refused."""
-    return response.status_code == 422
-
-
 def user_for_subject(clerk_user_id: str) -> User:
     """The complete, live account with this ``clerk_user_id``.
 
@@ -285,10 +271,3 @@ def user_visible_to(viewer: User, user_id: uuid.UUID) -> User | None:
     if viewer.role != ADMIN:
         return None
     return db.session.scalar(sa.select(User).where(User.id == user_id, User.clerk_user_id.is_not(None)))
-
-
-# For the views of the pages that ask for a password: at most ``wrong_password_limit`` wrong ones per client
-# IP, counted together on every such page; a request over the limit is the 429 page, before Clerk is asked.
-wrong_passwords_limited = limiter.shared_limit(
-    wrong_password_limit, scope="wrong_password", methods=["POST"], deduct_when=wrong_password
-)

@@ -362,9 +362,10 @@ def defaults(*, debug: bool) -> dict[str, Any]:
         "RATELIMIT_REGISTER": "10 per minute; 50 per hour",
         # Asking for a new verification mail (API and page), per client IP.
         "RATELIMIT_VERIFICATION_EMAIL": "5 per minute; 20 per hour",
-        # Wrong passwords on a verification link's page, per client IP (each account has its own bound too,
-        # counted in the database: iris.verification.WRONG_PASSWORD_LIMIT).
-        "RATELIMIT_VERIFY_PASSWORD": "5 per minute; 20 per hour",
+        # Wrong passwords on every page that asks for one (confirming an address, deleting your account, an
+        # admin's confirmations), per client IP and counted together; a verification link's account has its
+        # own bound too, counted in the database (iris.verification.WRONG_PASSWORD_LIMIT).
+        "RATELIMIT_WRONG_PASSWORD": "5 per minute; 20 per hour",
         "RATELIMIT_SWALLOW_ERRORS": True,
         "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
     }

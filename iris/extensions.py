@@ -1,6 +1,8 @@
 """Flask extensions, created unbound here and bound to the app in ``create_app``."""
 
 import select
+from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from flask import current_app
@@ -50,15 +52,35 @@ def verification_email_limit() -> str:
     return current_app.config["RATELIMIT_VERIFICATION_EMAIL"]
 
 
-def verify_password_limit() -> str:
-    """The limit on wrong passwords typed on a verification link's page, from RATELIMIT_VERIFY_PASSWORD."""
-    return current_app.config["RATELIMIT_VERIFY_PASSWORD"]
+def wrong_password_limit() -> str:
+    """The limit on wrong passwords per client IP, shared by every page that asks for one, from
+    RATELIMIT_WRONG_PASSWORD."""
+    return current_app.config["RATELIMIT_WRONG_PASSWORD"]
+
+
+def refused_a_password(response: Any) -> bool:
+    """Flask-Limiter's ``deduct_when`` for those pages: they answer 422 exactly when the password was
+    missing or wrong, and only that counts."""
+    return response.status_code == 422
 
 
 # Per client IP (request.remote_addr, which ProxyFix corrects behind trusted proxies). Storage and switches
 # come from the app config (RATELIMIT_STORAGE_URI, RATELIMIT_ENABLED, ...). The limits are read from the
 # config on each request: Flask-Limiter would otherwise keep the first app's defaults for every later app.
 limiter = Limiter(key_func=get_remote_address, default_limits=[default_limit])
+
+
+def wrong_passwords_limited(exempt_when: Callable[[], bool] | None = None) -> Callable:
+    """For the views of every page that asks for a password: at most ``wrong_password_limit`` wrong ones per
+    client IP, counted together across those pages (scope ``wrong_password``); a request over the limit is
+    the 429 page before Clerk is asked. ``exempt_when`` spares a request that carries no password."""
+    return limiter.shared_limit(
+        wrong_password_limit,
+        scope="wrong_password",
+        methods=["POST"],
+        deduct_when=refused_a_password,
+        exempt_when=exempt_when,
+    )
 
 
 @sa.event.listens_for(sa.Engine, "begin")

@@ -23,7 +23,7 @@ from iris.extensions import (
     limiter,
     register_limit,
     verification_email_limit,
-    verify_password_limit,
+    wrong_passwords_limited,
 )
 from iris.forms import NewLinkForm, PasswordConfirmForm, SignOutForm, SignupForm, VerifyEmailForm
 from iris.models import DEFAULT_ROLE, RESTAURANT, User
@@ -147,21 +147,16 @@ def removing() -> bool:
 
 
 @bp.route("/verify-email/<token>", methods=["GET", "POST"])
-@limiter.limit(
-    verify_password_limit,
-    methods=["POST"],
-    deduct_when=lambda response: response.status_code == LINK_STATUS["wrong_password"],
-    exempt_when=removing,
-)
+@wrong_passwords_limited(exempt_when=removing)
 def verify_email(token: str):
     """The link from a verification mail. GET only says what the two choices do and changes nothing (a link
     scanner may open it); a POST (CSRF-checked) confirms the address, which takes the account's password
     (checked by Clerk), or removes the account ("this wasn't me", no password) (``iris.verification``).
     A wrong password re-renders the page (422) and confirms nothing; wrong passwords are limited per client
-    IP (RATELIMIT_VERIFY_PASSWORD, counted only for wrong ones) and per account (429 page). The password is
-    never rendered back. Clerk failing is the 503 error page, with nothing changed. An expired, used or
-    tampered link gets a page saying so, with a form to ask for a new mail. The token never reaches a log
-    (``iris.observability.loggable_path``)."""
+    IP (RATELIMIT_WRONG_PASSWORD, with the other pages that ask for one) and per account (429 page). The
+    password is never rendered back. Clerk failing is the 503 error page, with nothing changed. An expired,
+    used or tampered link gets a page saying so, with a form to ask for a new mail. The token never reaches a
+    log (``iris.observability.loggable_path``)."""
     form = VerifyEmailForm()
     state, _ = verification.look_up(token)
     acted = False
@@ -217,7 +212,7 @@ def account():
 
 
 @bp.route("/account/delete", methods=["GET", "POST"])
-@auth.wrong_passwords_limited
+@wrong_passwords_limited()
 def delete_account():
     """The confirmation step of "Delete my account". GET says what deleting means and changes nothing; the
     POST (CSRF-checked) must carry the account's password, which Clerk checks (``auth.confirm_password``: the

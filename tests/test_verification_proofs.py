@@ -167,7 +167,7 @@ def test_wrong_passwords_are_bounded_per_account_from_however_many_client_addres
 
 
 def test_wrong_passwords_are_limited_per_client_ip_and_removing_is_not(make_app, smtp, standin):
-    app = mailing_app(make_app, smtp, RATELIMIT_ENABLED=True, RATELIMIT_VERIFY_PASSWORD="2 per minute")
+    app = mailing_app(make_app, smtp, RATELIMIT_ENABLED=True, RATELIMIT_WRONG_PASSWORD="2 per minute")
     client = app.test_client()
     path = registered_link(app, smtp)
     other = registered_link(app, smtp, "someone@bistro.example")
