@@ -37,12 +37,20 @@ RUN_ARGS :=
 run: $(VENV)/.installed-run
 	@$(BIN)/python scripts/dev.py $(RUN_ARGS) -- $(STANDIN_ARGS)
 
+# Clerk's own @clerk/backend, pinned by tests/node/package-lock.json, judges the stand-in's handshake
+# (tests/test_standin_handshake.py). Installed again only when the lock changes; without npm that test skips
+# (and fails in CI, where .ci/run needs Node.js 20 and npm on the machine).
+NODE_CHECK := tests/node/node_modules/.package-lock.json
+$(NODE_CHECK): tests/node/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund; \
+	else echo "npm not found: tests/test_standin_handshake.py's check by Clerk's own code will skip"; fi
+
 ## test: the whole suite against real PostgreSQL (TEST_DATABASE_URL overrides 127.0.0.1:5432)
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(NODE_CHECK)
 	$(BIN)/python -m pytest
 
 ## test-fast: the suite without the tests marked slow (drills, schemathesis, real servers), while working
-test-fast: $(VENV)/.installed-dev
+test-fast: $(VENV)/.installed-dev $(NODE_CHECK)
 	$(BIN)/python -m pytest -m "not slow"
 
 ## lint: ruff lint and format check, as CI runs them
@@ -69,4 +77,4 @@ reset:
 	done; [ $$removed = 1 ] || echo "nothing to remove: instance/ holds no development state"
 
 clean:
-	rm -rf $(VENV) instance .pytest_cache
+	rm -rf $(VENV) instance .pytest_cache tests/node/node_modules
