@@ -51,13 +51,13 @@ import jwt
 from flask import Flask, Response, current_app, flash, g, redirect, request
 
 from iris import clerk
+from iris.auth import SESSION_COOKIE
 from iris.config import issuer_from_publishable_key
-from iris.errors import IrisError, Unauthorized
+from iris.errors import IrisError
 from iris.tokens import TokenExpired, TokenNotYetValid, verify_handshake_payload, verify_token
 
 log = logging.getLogger(__name__)
 
-SESSION_COOKIE = "__session"
 CLIENT_UAT_COOKIE = "__client_uat"
 HANDSHAKE = "__clerk_handshake"
 HANDSHAKE_NONCE = "__clerk_handshake_nonce"
@@ -149,7 +149,7 @@ def reason() -> str | None:
         return "session-token-expired"
     except TokenNotYetValid:
         return "session-token-nbf"
-    except (Unauthorized, IrisError):
+    except IrisError:  # any other refusal signs out; Clerk's keys unreachable: the page says what it can
         return None
     return None
 

@@ -260,7 +260,7 @@ def sign_out():
     signed, expired or not; the cookie is cleared; then Clerk's own sign-out (IRIS_SIGN_OUT_URL, with
     ``redirect_url`` back to the home page), or the home page. Clerk failing does not keep anyone signed
     in: Clerk's sign-out page, or the next page's handshake, ends the session through Clerk's own cookie."""
-    token = request.cookies.get(handshake.SESSION_COOKIE, "")
+    token = request.cookies.get(auth.SESSION_COOKIE, "")
     session_id = tokens.session_id_for_sign_out(token) if token else None
     if session_id is not None:
         try:
@@ -272,7 +272,7 @@ def sign_out():
     url = current_app.config.get("IRIS_SIGN_OUT_URL")
     home = public_url("web.home")
     response = redirect(with_redirect_url(url, home) if url else home, 303)
-    response.delete_cookie(handshake.SESSION_COOKIE, path="/", samesite="Lax", secure=request.is_secure)
+    response.delete_cookie(auth.SESSION_COOKIE, path="/", samesite="Lax", secure=request.is_secure)
     return response
 
 
