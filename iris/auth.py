@@ -202,7 +202,7 @@ def require_recent_sign_in(claims: Mapping[str, Any] | None = None) -> None:
         return
     age = first_factor_age(token_claims() if claims is None else claims)
     if age is None or age >= window:
-        raise ReverificationRequired()
+        raise ReverificationRequired(after_minutes=window)
 
 
 def require_confirmed(user: User) -> None:

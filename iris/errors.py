@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy.exc
@@ -49,7 +49,7 @@ class IrisError(Exception):
     code = "internal_error"
     message = "Something went wrong on our side. Please try again."
     retry_after: int | None = None
-    body_extra: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    body_extra: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(
         self,
@@ -142,12 +142,16 @@ class EmailUnverified(IrisError):
     )
 
 
-# Clerk's own answer to a step-up check that failed, as clerk-js's useReverification() recognises it.
-CLERK_REVERIFICATION_ERROR: dict[str, Any] = {
-    "type": "forbidden",
-    "reason": "reverification-error",
-    "metadata": {"reverification": "strict"},
-}
+def clerk_reverification_error(after_minutes: int) -> dict[str, Any]:
+    """Clerk's own answer to a step-up check that failed, as clerk-js's ``useReverification()`` recognises it,
+    naming exactly what Iris checks: the first factor, within ``after_minutes``. Clerk's ``"strict"`` preset
+    would say "second factor, 10 minutes", and clerk-js would then re-check only the second factor of a person
+    with two, leaving ``fva[0]``, which Iris reads, as old as before: a 403 for ever."""
+    return {
+        "type": "forbidden",
+        "reason": "reverification-error",
+        "metadata": {"reverification": {"level": "first_factor", "afterMinutes": after_minutes}},
+    }
 
 
 class ReverificationRequired(IrisError):
@@ -162,7 +166,10 @@ class ReverificationRequired(IrisError):
         "This needs a recent sign-in: confirm it is you (enter your password again, or sign in again),"
         " then retry."
     )
-    body_extra = MappingProxyType({"clerk_error": CLERK_REVERIFICATION_ERROR})
+
+    def __init__(self, after_minutes: int = 10) -> None:
+        super().__init__()
+        self.body_extra = MappingProxyType({"clerk_error": clerk_reverification_error(after_minutes)})
 
 
 class UserNotFound(IrisError):

@@ -17,7 +17,8 @@ When (``reason``, the JS backend's decision table; only for an eligible request,
 
 Guarantees:
 
-- **Only page GETs.** A request is eligible when it is a GET to a page blueprint, carries no
+- **Only page GETs.** A request is eligible when it is a GET to a page blueprint whose URL carries no
+  secret (never ``/verify-email/<token>``: ``redirect_url`` would give the token to Clerk), carries no
   ``Authorization`` header, and its ``Sec-Fetch-Dest`` is ``document``/``iframe`` (or absent with ``Accept:
   text/html``). The API, forms (POST) and fetches never redirect; a form posted with a token that needs
   refreshing is sent back to its page instead (``SubmitAgain``, see ``iris.web``).
@@ -28,10 +29,12 @@ Guarantees:
   instance's keys (``iris.tokens.verify_handshake_payload``: RS256, a session ``cat`` or none, signature); a
   nonce is swapped for the directives at the Backend API with the secret key. Every directive must set one
   of Clerk's own cookies (``CLERK_COOKIE``) and be a well-formed header value: otherwise the whole payload
-  is refused. And the payload must come back to the browser that asked for it: the redirect carries a random
-  state in ``redirect_url`` and in a host-only cookie (``__Host-`` over https, so a sibling subdomain cannot
-  set it); a payload without the matching pair is ignored, so nobody can sign a visitor in as someone else
-  by planting a cookie or sending a link.
+  is refused, and so is a ``__session`` directive with a ``Domain``. The payload must come back to the
+  browser that asked for it: the redirect carries a random state in ``redirect_url`` and a host-only cookie
+  named after it (``__Host-`` over https, so a sibling subdomain cannot set it); a payload without its
+  cookie is ignored, and so are two payloads at once. That stops a payload sent in a link or planted as a
+  cookie outside a handshake; a sibling subdomain that plants one during the victim's own handshake is met
+  by the two-payload rule only when Clerk's cookie is there too (docs/authentication.md).
 - **Applied, then a clean URL.** The directives are sent as ``Set-Cookie`` verbatim with a redirect to the
   same URL without the handshake's parameters; the page that follows reads the fresh ``__session`` like any
   other request. A payload without a ``__session`` directive signs the person out (Clerk wipes the cookies).
@@ -45,6 +48,8 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jwt
@@ -54,6 +59,7 @@ from iris import clerk
 from iris.auth import SESSION_COOKIE
 from iris.config import issuer_from_publishable_key
 from iris.errors import IrisError
+from iris.observability import url_carries_secret
 from iris.tokens import TokenExpired, TokenNotYetValid, verify_handshake_payload, verify_token
 
 log = logging.getLogger(__name__)
@@ -69,8 +75,11 @@ CLERK_COOKIE = re.compile(
 )
 # A Set-Cookie header value: printable ASCII only, so a directive can never split the response's headers.
 DIRECTIVE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,8191}")
+DOMAIN_ATTRIBUTE = re.compile(r";\s*domain\s*=", re.IGNORECASE)
 # Query parameters of a handshake's way back, removed from the URL once resolved (Clerk's, and our state).
 STATE_PARAMETER = "__iris_handshake"
+# A state as _redirect_to_handshake makes it (secrets.token_urlsafe(16)).
+STATE = re.compile(r"[A-Za-z0-9_-]{22}")
 HANDSHAKE_PARAMETERS = (HANDSHAKE, HANDSHAKE_NONCE, "__clerk_help", "__clerk_db_jwt", STATE_PARAMETER)
 # At this many handshakes within REDIRECT_COUNT_SECONDS, give up and show the page signed out.
 MAX_REDIRECTS = 3
@@ -94,7 +103,11 @@ def frontend_api() -> str | None:
     """The Frontend API origin: CLERK_FRONTEND_API_URL, else the host the publishable key encodes. None when
     no handshake is possible here (neither set, or no IRIS_PUBLIC_URL to come back to): then an expired
     ``__session`` simply reads as signed out."""
-    config = current_app.config
+    return frontend_api_of(current_app.config)
+
+
+def frontend_api_of(config: Mapping[str, Any]) -> str | None:
+    """``frontend_api`` for an app's configuration (no app context needed)."""
     if not config.get("IRIS_PUBLIC_URL"):
         return None
     if config.get("CLERK_FRONTEND_API_URL"):
@@ -110,8 +123,9 @@ def refresh_needed() -> bool:
 
 
 def eligible() -> bool:
-    """Whether this request may be redirected through a handshake (module docstring)."""
-    if request.method != "GET" or request.blueprint not in PAGE_BLUEPRINTS:
+    """Whether this request may be redirected through a handshake (module docstring). Never a page whose
+    URL carries a secret (``/verify-email/<token>``): ``redirect_url`` would hand it to Clerk's logs."""
+    if request.method != "GET" or request.blueprint not in PAGE_BLUEPRINTS or url_carries_secret():
         return False
     if request.headers.get("Authorization"):
         return False
@@ -205,8 +219,8 @@ def _redirect_to_handshake(api: str, why: str, count: int) -> Response:
         REDIRECT_COUNT_COOKIE, str(count + 1), max_age=REDIRECT_COUNT_SECONDS, httponly=True, samesite="Lax"
     )
     response.set_cookie(
-        _state_cookie(),
-        state,
+        _state_cookie(state),
+        "1",
         max_age=STATE_SECONDS,
         path="/",
         httponly=True,
@@ -219,17 +233,21 @@ def _redirect_to_handshake(api: str, why: str, count: int) -> Response:
 
 def _returned_payload() -> tuple[str, str] | None:
     """``("nonce" | "token", value)`` when a handshake came back to this browser, else None (module
-    docstring: the state in the URL must match the state cookie)."""
-    nonce = request.args.get(HANDSHAKE_NONCE) or request.cookies.get(HANDSHAKE_NONCE)
-    token = request.args.get(HANDSHAKE) or request.cookies.get(HANDSHAKE)
-    if not nonce and not token:
+    docstring: the state in the URL must name a state cookie this browser holds; one payload only)."""
+    nonces = request.args.getlist(HANDSHAKE_NONCE) + request.cookies.getlist(HANDSHAKE_NONCE)
+    tokens = request.args.getlist(HANDSHAKE) + request.cookies.getlist(HANDSHAKE)
+    if not nonces and not tokens:
         return None
     state = request.args.get(STATE_PARAMETER, "")
-    expected = request.cookies.get(_state_cookie(), "")
-    if not state or not expected or not secrets.compare_digest(state, expected):
+    if not STATE.fullmatch(state) or request.cookies.get(_state_cookie(state)) != "1":
         log.warning("handshake payload ignored: it did not come back to the browser that asked for it")
         return None
-    return ("nonce", nonce) if nonce else ("token", token or "")
+    if len(nonces) + len(tokens) > 1:
+        # Clerk sends one. Another one beside it was planted (a sibling subdomain can set a cookie on the
+        # parent domain with a narrower Path, which the browser sends first): trust neither.
+        log.warning("handshake payload ignored: more than one came back")
+        return None
+    return ("nonce", nonces[0]) if nonces else ("token", tokens[0])
 
 
 def _directives(kind: str, value: str) -> list[str] | None:
@@ -244,6 +262,10 @@ def _directives(kind: str, value: str) -> list[str] | None:
         if not DIRECTIVE.fullmatch(directive) or not CLERK_COOKIE.fullmatch(name):
             log.warning("handshake payload refused: a directive for a cookie that is not Clerk's")
             return None
+        if name.startswith(SESSION_COOKIE) and DOMAIN_ATTRIBUTE.search(directive):
+            # Clerk keeps __session host-only; with Domain= every sibling subdomain could read the token.
+            log.warning("handshake payload refused: a session cookie for more than this host")
+            return None
     return directives
 
 
@@ -256,7 +278,8 @@ def _apply(directives: list[str]) -> Response:
         response.headers.add("Set-Cookie", directive)
     # Clerk's directives clear its own handshake cookie, and our state is spent. The redirect count stays: it
     # runs out by itself, and a payload whose token needs refreshing again must still count as a loop.
-    response.delete_cookie(_state_cookie(), path="/", httponly=True, samesite="Lax", secure=_https())
+    state = request.args.get(STATE_PARAMETER, "")
+    response.delete_cookie(_state_cookie(state), path="/", httponly=True, samesite="Lax", secure=_https())
     token = next((value for name, value in map(_name_and_value, directives) if name == SESSION_COOKIE), "")
     log.info("handshake resolved: %s", "signed in" if token else "signed out")
     return response
@@ -288,9 +311,11 @@ def _https() -> bool:
     return current_app.config["IRIS_PUBLIC_URL"].startswith("https://")
 
 
-def _state_cookie() -> str:
-    """``__Host-`` over https: host-only, Secure, Path=/, so no sibling subdomain can set it."""
-    return "__Host-iris_handshake" if _https() else "iris_handshake"
+def _state_cookie(state: str) -> str:
+    """The cookie that says this browser started the handshake ``state``: one per handshake, so tabs
+    restored together each find their own. ``__Host-`` over https: host-only, Secure, Path=/, so no
+    sibling subdomain can set it."""
+    return ("__Host-iris_hs_" if _https() else "iris_hs_") + state
 
 
 def submit_again(error: SubmitAgain) -> Response:

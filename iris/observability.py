@@ -126,12 +126,18 @@ def start_timer() -> None:
     g.request_started = time.perf_counter()
 
 
-def loggable_path() -> str:
-    """``request.path``, except for a route whose URL carries a secret (a ``token`` variable, as in
-    ``/verify-email/<token>``): then its rule, so no log line ever holds the token."""
+def url_carries_secret() -> bool:
+    """Whether the request's route has a secret in its URL (a ``token`` variable, as in
+    ``/verify-email/<token>``): such a URL is never logged, nor handed to anyone else."""
     rule = request.url_rule
-    if rule is not None and "token" in rule.arguments:
-        return rule.rule
+    return rule is not None and "token" in rule.arguments
+
+
+def loggable_path() -> str:
+    """``request.path``, except for a route whose URL carries a secret (``url_carries_secret``): then its
+    rule, so no log line ever holds the token."""
+    if url_carries_secret():
+        return request.url_rule.rule  # type: ignore[union-attr]
     return request.path
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, request
 
-# Only our own scripts, styles and images; no inline script anywhere; never framed. Forms post to us alone;
-# the one form that ends elsewhere, "Sign out", is let through to Clerk's sign-out (content_security_policy).
+from iris import handshake
+from iris.config import ConfigError
+
+# Only our own scripts, styles and images; no inline script anywhere; never framed. Forms post to us alone,
+# and may end at Clerk's (content_security_policy).
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -20,16 +25,21 @@ HSTS = "max-age=31536000; includeSubDomains"
 REFERRER_POLICY = "same-origin"
 
 
-def content_security_policy(sign_out_url: str | None) -> str:
-    """The site's policy. Browsers hold a form's submission to ``form-action`` through every redirect it
-    follows, and the sign-out form's answer (iris.web.sign_out) redirects to Clerk's sign-out page
-    (IRIS_SIGN_OUT_URL): that origin, and no other, is added to ``form-action``."""
-    if not sign_out_url:
+def content_security_policy(config: Mapping[str, Any]) -> str:
+    """The site's policy for an app's configuration. Browsers hold a form's submission to ``form-action``
+    through every redirect it follows: the sign-out form's answer (iris.web.sign_out) goes on to Clerk's
+    sign-out page (IRIS_SIGN_OUT_URL), and a form sent back to its page to be submitted again
+    (iris.handshake.SubmitAgain), or the home page after signing out, goes through Clerk's Frontend API
+    (the handshake). Those origins, and no others, are added to ``form-action``."""
+    try:
+        frontend_api = handshake.frontend_api_of(config)
+    except ConfigError:  # a malformed key fails the requests that need it, with the reason logged
+        frontend_api = None
+    ends = [config.get("IRIS_SIGN_OUT_URL"), frontend_api]
+    origins = sorted({f"{parts.scheme}://{parts.netloc}" for parts in map(urlsplit, filter(None, ends))})
+    if not origins:
         return CONTENT_SECURITY_POLICY
-    parts = urlsplit(sign_out_url)
-    return CONTENT_SECURITY_POLICY.replace(
-        "form-action 'self'", f"form-action 'self' {parts.scheme}://{parts.netloc}"
-    )
+    return CONTENT_SECURITY_POLICY.replace("form-action 'self'", "form-action 'self' " + " ".join(origins))
 
 
 def add_security_headers(response: Response) -> Response:
@@ -45,5 +55,5 @@ def add_security_headers(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["iris.csp"] = content_security_policy(app.config.get("IRIS_SIGN_OUT_URL"))
+    app.extensions["iris.csp"] = content_security_policy(app.config)
     app.after_request(add_security_headers)

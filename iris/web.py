@@ -258,18 +258,25 @@ def sign_out():
     """Sign out without clerk-js (CSRF-checked form in the navigation): the session of the ``__session``
     cookie is revoked at Clerk (``POST /v1/sessions/{id}/revoke``) when the cookie names one this instance
     signed, expired or not; the cookie is cleared; then Clerk's own sign-out (IRIS_SIGN_OUT_URL, with
-    ``redirect_url`` back to the home page), or the home page. Clerk failing does not keep anyone signed
-    in: Clerk's sign-out page, or the next page's handshake, ends the session through Clerk's own cookie."""
+    ``redirect_url`` back to the home page), or the home page.
+
+    Never fails open: when Clerk could not be asked (the revoke, or the keys to read the cookie, unreachable),
+    Clerk's sign-out page still ends the session through Clerk's own cookie; without IRIS_SIGN_OUT_URL
+    nothing would, and the next page's handshake would sign the person back in, so the answer is then the
+    503 page ("try again"), with the cookie kept and nothing pretended."""
     token = request.cookies.get(auth.SESSION_COOKIE, "")
-    session_id = tokens.session_id_for_sign_out(token) if token else None
-    if session_id is not None:
-        try:
-            clerk.revoke_session(session_id)
-        except NotFoundAtClerk:
-            pass  # already gone
-        except IrisError as error:
-            log.warning("sign-out: Clerk did not revoke the session (%s); its sign-out ends it", error.code)
     url = current_app.config.get("IRIS_SIGN_OUT_URL")
+    try:
+        session_id = tokens.session_id_for_sign_out(token) if token else None
+        if session_id is not None:
+            clerk.revoke_session(session_id)
+    except NotFoundAtClerk:
+        pass  # already gone
+    except IrisError as error:
+        log.warning("sign-out: Clerk did not revoke the session (%s)", error.code)
+        if not url:
+            raise
+
     home = public_url("web.home")
     response = redirect(with_redirect_url(url, home) if url else home, 303)
     response.delete_cookie(auth.SESSION_COOKIE, path="/", samesite="Lax", secure=request.is_secure)

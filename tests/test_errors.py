@@ -145,7 +145,7 @@ def test_an_error_can_carry_top_level_keys_beside_the_envelope(probe_client):
     assert response.json["clerk_error"] == {
         "type": "forbidden",
         "reason": "reverification-error",
-        "metadata": {"reverification": "strict"},
+        "metadata": {"reverification": {"level": "first_factor", "afterMinutes": 10}},
     }
     assert set(response.json) == {"error", "clerk_error"}
 

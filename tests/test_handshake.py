@@ -25,7 +25,7 @@ from tests.helpers import PASSWORD, b64url, claims, migrate, register, session_t
 
 PUBLIC_URL = "https://iris.test"
 DOCUMENT = MappingProxyType({"Sec-Fetch-Dest": "document", "Accept": "text/html"})
-STATE_COOKIE = "__Host-iris_handshake"
+STATE_COOKIE = "__Host-iris_hs_"  # + the state: one cookie per handshake under way
 EPOCH = "Expires=Thu, 01 Jan 1970 00:00:00 GMT"
 
 
@@ -98,8 +98,8 @@ def test_a_sign_in_elsewhere_without_a_session_cookie_handshakes(client, standin
     assert any(
         c.startswith("__clerk_redirect_count=1;") and "Max-Age=2" in c and "HttpOnly" in c for c in cookies
     )
-    [state_cookie] = [c for c in cookies if c.startswith(STATE_COOKIE + "=")]
-    assert state_cookie.startswith(f"{STATE_COOKIE}={state};")
+    [state_cookie] = [c for c in cookies if c.startswith(STATE_COOKIE)]
+    assert state_cookie.startswith(f"{STATE_COOKIE}{state}=1;")
     assert all(part in state_cookie for part in ("Secure", "HttpOnly", "Path=/", "SameSite=Lax"))
     assert "Domain" not in state_cookie
 
@@ -238,7 +238,7 @@ def test_a_payload_for_this_browser_sets_clerks_cookies_and_returns_to_a_clean_u
     assert response.headers["Cache-Control"] == "no-store"
     cookies = set_cookies(response)
     assert cookies[: len(directives)] == directives  # verbatim, in Clerk's order
-    assert any(c.startswith(f"{STATE_COOKIE}=;") for c in cookies)  # spent
+    assert any(c.startswith(f"{STATE_COOKIE}{state}=;") for c in cookies)  # spent
     # The cookies as the browser now holds them: the page is signed in.
     client.delete_cookie("__clerk_handshake", domain="localhost")
     assert signed_in(page(client, __session=token, __client_uat=str(uat)))
@@ -316,7 +316,7 @@ def test_a_payload_clerk_did_not_sign_as_a_handshake_is_refused(client, standin,
     "extra",
     [
         "session=attacker; Path=/",
-        "__Host-iris_handshake=planted; Path=/; Secure",
+        "__Host-iris_hs_AAAAAAAAAAAAAAAAAAAAAA=1; Path=/; Secure",
         "csrftoken=x; Domain=iris.test",
         "__session=x; Path=/\r\nX-Injected: 1",
         "__session_toolongsuffix=x",
@@ -484,3 +484,97 @@ def test_no_page_ever_names_the_requests_host(make_app, standin, user):
     client = app.test_client()
     client.set_cookie("__client_uat", str(now()), domain="evil.example")
     assert "evil.example" not in page(client, "/account", headers=evil).headers["Location"]
+
+
+# ---- what a review found: the link's secret, two payloads, a widened session cookie, odd states, tabs
+
+
+def test_a_page_whose_url_carries_a_secret_never_handshakes(client, user):
+    """redirect_url would hand the verification token to Clerk's (and its CDN's) logs."""
+    client.set_cookie("__client_uat", str(now()), domain="localhost")
+    response = client.get("/verify-email/" + "t" * 43, headers=DOCUMENT)
+    assert response.status_code != 307
+    assert "tttttttttt" not in response.headers.get("Location", "")
+
+
+def test_two_payloads_at_once_are_both_refused(client, standin, user, caplog):
+    """A sibling subdomain's planted cookie beside Clerk's own: trust neither."""
+    state = start(client)
+    ours = payload(standin, directives_for(session_token(standin, user["clerk_user_id"]), now() - 1))
+    planted = payload(standin, directives_for(session_token(standin, user["clerk_user_id"]), now() - 1))
+    client.set_cookie("__clerk_handshake", planted, domain="localhost")
+    with caplog.at_level(logging.WARNING, logger="iris.handshake"):
+        response = come_back(client, state, ours, as_query=True)
+    refused(client, response, caplog.text, "more than one came back")
+
+
+def test_a_session_cookie_for_more_than_this_host_refuses_the_payload(client, standin, user, caplog):
+    state = start(client)
+    token = session_token(standin, user["clerk_user_id"])
+    widened = [f"__session={token}; Path=/; Domain=iris.test; Secure", f"__client_uat={now() - 1}; Path=/"]
+    with caplog.at_level(logging.WARNING, logger="iris.handshake"):
+        response = come_back(client, state, payload(standin, widened))
+    refused(client, response, caplog.text, "a session cookie for more than this host")
+
+
+@pytest.mark.parametrize("state", ["é" * 22, "x" * 22 + "'", "A" * 1000], ids=["non-ascii", "quote", "long"])
+def test_a_state_that_is_not_ours_is_ignored_without_an_error(client, standin, user, state, caplog):
+    start(client)
+    directives = directives_for(session_token(standin, user["clerk_user_id"]), now() - 1)
+    with caplog.at_level(logging.WARNING, logger="iris.handshake"):
+        response = come_back(client, state, payload(standin, directives))
+    refused(client, response, caplog.text, "did not come back to the browser that asked for it")
+
+
+def test_tabs_restored_together_each_resolve_their_own_handshake(client, standin, user):
+    first, second = start(client), start(client)
+    assert first != second
+    directives = directives_for(session_token(standin, user["clerk_user_id"]), now() - 1)
+    assert come_back(client, first, payload(standin, directives)).status_code == 303
+    client.delete_cookie("__session", domain="localhost")
+    assert come_back(client, second, payload(standin, directives)).status_code == 303
+
+
+def test_forms_may_end_at_clerks_frontend_api_and_sign_out_and_nowhere_else(make_app, standin):
+    """Browsers hold a form to form-action through every redirect: a form sent back to be submitted again
+    goes through Clerk's Frontend API, and "Sign out" ends at Clerk's sign-out page."""
+    app = make_app(
+        CLERK_FRONTEND_API_URL="https://clerk.iris.test",
+        CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY,
+        IRIS_SIGN_OUT_URL="https://accounts.iris.test/sign-out",
+    )
+    policy = app.test_client().get("/healthz").headers["Content-Security-Policy"]
+    assert "form-action 'self' https://accounts.iris.test https://clerk.iris.test;" in policy
+    assert "script-src 'self';" in policy
+
+
+def signed_in_client(make_app, standin, user, **settings):
+    app = make_app(
+        CLERK_FRONTEND_API_URL=standin.base_url, CLERK_PUBLISHABLE_KEY=DEV_PUBLISHABLE_KEY, **settings
+    )
+    migrate(app)
+    client = app.test_client()
+    client.set_cookie("__session", session_token(standin, user["clerk_user_id"]), domain="localhost")
+    return client
+
+
+@pytest.mark.parametrize("fault", ["revoke", "keys"])
+def test_a_sign_out_clerk_could_not_hear_is_a_503_not_a_pretence(make_app, standin, user, fault):
+    """Without IRIS_SIGN_OUT_URL nothing else would end the session, and the next page's handshake would sign
+    the person back in: say so instead of pretending."""
+    client = signed_in_client(make_app, standin, user)
+    path = "/v1/sessions/" if fault == "revoke" else "/v1/jwks"
+    standin.control.add_fault(path=path, status=503)
+    response = client.post("/sign-out")
+    assert response.status_code == 503
+    assert not any(c.startswith("__session=;") for c in set_cookies(response))
+
+
+def test_a_sign_out_clerk_could_not_hear_still_goes_to_clerks_sign_out_page(make_app, standin, user):
+    client = signed_in_client(
+        make_app, standin, user, IRIS_SIGN_OUT_URL="https://accounts.iris.test/sign-out"
+    )
+    standin.control.add_fault(path="/v1/sessions/", status=503)
+    response = client.post("/sign-out")
+    assert response.status_code == 303
+    assert response.headers["Location"].startswith("https://accounts.iris.test/sign-out?")

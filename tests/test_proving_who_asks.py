@@ -46,7 +46,11 @@ SIBLING = "https://evil.iris.test"  # a sibling subdomain: SameSite=Lax does not
 OWN = "https://iris.test"  # IRIS_PUBLIC_URL in the tests' app
 # Clerk's own body for a failed step-up, as clerk-js's useReverification() recognises it.
 CLERK_ERROR = MappingProxyType(
-    {"type": "forbidden", "reason": "reverification-error", "metadata": {"reverification": "strict"}}
+    {
+        "type": "forbidden",
+        "reason": "reverification-error",
+        "metadata": {"reverification": {"level": "first_factor", "afterMinutes": 10}},
+    }
 )
 IMPERSONATOR = "user_2impersonatorFromTheDashboard"
 
@@ -236,6 +240,9 @@ def test_iris_reverify_minutes_sets_the_window_and_0_switches_the_check_off(make
             assert response.status_code == 204, (minutes, age, response.get_data(as_text=True))
         else:
             assert_error(response, 403, "reverification_required")
+            # What clerk-js is asked to re-check is what Iris reads: the first factor, within the window.
+            hint = response.json["clerk_error"]["metadata"]["reverification"]
+            assert hint == {"level": "first_factor", "afterMinutes": minutes}
 
 
 @pytest.mark.parametrize(
