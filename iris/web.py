@@ -143,7 +143,7 @@ LINK_STATUS = {
 
 def removing() -> bool:
     """Whether this POST is "this wasn't me": it needs no password, so the wrong-password limit spares it."""
-    return "remove" in request.form
+    return bool(VerifyEmailForm().remove.data)  # as the view reads it: "remove=" is not pressing it
 
 
 @bp.route("/verify-email/<token>", methods=["GET", "POST"])

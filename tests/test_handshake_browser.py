@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 @dataclass
 class Stack:
     url: str  # the app's public origin (IRIS_PUBLIC_URL)
-    clerk: str  # the stand-in's https origin: Account Portal and Frontend API
+    clerk: str  # the stand-in's Frontend API, over https
+    portal: str  # the stand-in's Account Portal (sign-in and sign-out pages), over https, another origin
     standin: StandinServer
     browser: Browser
 
@@ -42,8 +43,10 @@ def stack(admin_engine, tmp_path_factory) -> Iterator[Stack]:
     require_chromium()
     ports = site_ports()
     url = site_url(ports)
-    clerk_port = free_port()
-    clerk = f"https://127.0.0.1:{clerk_port}"
+    # Two origins, as Clerk's Frontend API (clerk.<domain>) and Account Portal (accounts.<domain>) are: the
+    # browser holds forms to the page's form-action across each of them.
+    clerk_port, portal_port = free_port(), free_port()
+    clerk, portal = f"https://127.0.0.1:{clerk_port}", f"https://127.0.0.1:{portal_port}"
     with StandinServer(azp=url) as standin, migrated_schema(admin_engine) as schema:
         env = app_environment(
             schema,
@@ -51,16 +54,17 @@ def stack(admin_engine, tmp_path_factory) -> Iterator[Stack]:
             IRIS_PROXY_HOPS="1",
             IRIS_PUBLIC_URL=url,
             CLERK_FRONTEND_API_URL=clerk,
-            IRIS_SIGN_IN_URL=clerk + "/sign-in",
-            IRIS_SIGN_OUT_URL=clerk + "/sign-out",
+            IRIS_SIGN_IN_URL=portal + "/sign-in",
+            IRIS_SIGN_OUT_URL=portal + "/sign-out",
         )
         site_directory = tmp_path_factory.mktemp("handshake-site")
         with (
             behind_nginx(site_directory, env, ports) as site,
-            tls_proxy(tmp_path_factory.mktemp("handshake-clerk"), clerk_port, standin.port, site.certificate),
+            tls_proxy(tmp_path_factory.mktemp("clerk"), clerk_port, standin.port, site.certificate),
+            tls_proxy(tmp_path_factory.mktemp("portal"), portal_port, standin.port, site.certificate),
             chromium(site.certificate) as browser,
         ):
-            yield Stack(url, clerk, standin, browser)
+            yield Stack(url, clerk, portal, standin, browser)
 
 
 @pytest.fixture
@@ -102,7 +106,7 @@ def sign_in(page: Page, stack: Stack, email: str) -> None:
     page.goto(stack.url + "/account")
     assert heading(page) == "You are signed out"
     page.locator("main").get_by_role("link", name="Sign in").click()
-    page.wait_for_url(f"{stack.clerk}/sign-in?**")
+    page.wait_for_url(f"{stack.portal}/sign-in?**")
     page.get_by_label("Email address").fill(email)
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Continue").click()
@@ -184,7 +188,7 @@ def test_a_minute_later_a_navigation_renews_the_token_through_the_handshake(stac
 def test_signing_out_at_clerk_signs_the_next_page_out(stack, page):
     email = register(stack)
     sign_in(page, stack, email)
-    page.goto(f"{stack.clerk}/sign-out?redirect_url={stack.url}/account")
+    page.goto(f"{stack.portal}/sign-out?redirect_url={stack.url}/account")
     page.wait_for_url(stack.url + "/account")
     assert heading(page) == "You are signed out"
     assert cookie(page, "__session") is None  # wiped by the handshake's directives

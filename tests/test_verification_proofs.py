@@ -183,6 +183,19 @@ def test_wrong_passwords_are_limited_per_client_ip_and_removing_is_not(make_app,
     assert confirm(client, path, PASSWORD, "203.0.113.51").status_code == 200
 
 
+def test_a_confirm_dressed_as_this_wasnt_me_still_counts_towards_the_limit(make_app, smtp, standin):
+    """``remove=`` (empty) is not pressing "This wasn't me" (the view confirms with the password): it must not
+    be spared by the limit, or guesses could be sent as many as one liked from one address."""
+    app = mailing_app(make_app, smtp, RATELIMIT_ENABLED=True, RATELIMIT_WRONG_PASSWORD="2 per minute")
+    client = app.test_client()
+    path = registered_link(app, smtp)
+    environ = {"REMOTE_ADDR": "203.0.113.60"}
+    for _ in range(2):
+        guess = client.post(path, data={"password": WRONG, "remove": ""}, environ_base=environ)
+        assert guess.status_code == 422
+    assert client.post(path, data={"password": WRONG, "remove": ""}, environ_base=environ).status_code == 429
+
+
 def test_clerk_unreachable_while_checking_the_password_is_503_changes_nothing_and_uses_no_try(
     make_app, smtp, standin
 ):
