@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from iris import accounts, clerk, maintenance
+from iris import accounts, clerk, maintenance, personal_data
 from iris.config import database_uri, direct_engine
 from iris.errors import (
     DATABASE_UNREACHABLE,
@@ -211,6 +211,41 @@ def demote_command(email: str) -> None:
     """Make the live admin account with EMAIL a restaurant account again. Recorded in the audit trail and the
     log (who: cli:<your user name>); an account that is no admin is left as it is."""
     _change_role(email, RESTAURANT)
+
+
+@iris_cli.command("export")
+@click.argument("email", required=False)
+@click.option("--all-deleted", is_flag=True, help="Instead: every deleted account not erased yet, and when.")
+@click.option("--clerk", "with_clerk", is_flag=True, help="Also what Clerk holds about each account.")
+def export_command(email: str | None, all_deleted: bool, with_clerk: bool) -> None:
+    """Print, as JSON, everything Iris holds about the person with EMAIL, for an access request: every
+    account row with that address (live, pending, deactivated or deleted but not erased yet) with its audit
+    events, mails and verification links' dates (iris.personal_data). An address nobody has gives
+    "accounts": [] and exit status 0. --clerk adds the Clerk user of each account, every other address in it
+    withheld; Clerk unreachable is one Error: line and exit status 1.
+
+    --all-deleted prints instead every deleted account that still holds its address, with the date it is to
+    be erased (deactivated: IRIS_DEACTIVATED_RETENTION_DAYS after deletion; any other: at once). Only JSON
+    goes to stdout; reads only.
+    """
+    if all_deleted == (email is not None):
+        raise click.UsageError("Give either EMAIL or --all-deleted.")
+    if all_deleted and with_clerk:
+        raise click.UsageError("--clerk goes with EMAIL, not with --all-deleted.")
+    zone = current_app.config["IRIS_TIMEZONE"]
+    if email is None:
+        data = personal_data.waiting_for_erasure(zone)
+    else:
+        if not email.strip():
+            raise click.UsageError("EMAIL is empty.")
+        data = personal_data.export(email, zone)
+    db.session.rollback()  # reads only; no connection held while Clerk works
+    if with_clerk:
+        try:
+            personal_data.clerk_users(data)
+        except IrisError as error:
+            _fail(f"Clerk could not be asked what it holds: {error.message}")
+    click.echo(personal_data.to_json(data))
 
 
 def _change_role(email: str, role: str) -> None:
