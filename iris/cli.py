@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from iris import accounts, clerk, maintenance, personal_data
+from iris import accounts, clerk, export, maintenance
 from iris.config import database_uri, direct_engine
 from iris.errors import (
     DATABASE_UNREACHABLE,
@@ -220,7 +220,7 @@ def demote_command(email: str) -> None:
 def export_command(email: str | None, all_deleted: bool, with_clerk: bool) -> None:
     """Print, as JSON, everything Iris holds about the person with EMAIL, for an access request: every
     account row with that address (live, pending, deactivated or deleted but not erased yet) with its audit
-    events, mails and verification links' dates (iris.personal_data). An address nobody has gives
+    events, mails and verification links' dates (iris.export). An address nobody has gives
     "accounts": [] and exit status 0. --clerk adds the Clerk user of each account, every other address in it
     withheld; Clerk unreachable is one Error: line and exit status 1.
 
@@ -234,18 +234,18 @@ def export_command(email: str | None, all_deleted: bool, with_clerk: bool) -> No
         raise click.UsageError("--clerk goes with EMAIL, not with --all-deleted.")
     zone = current_app.config["IRIS_TIMEZONE"]
     if email is None:
-        data = personal_data.waiting_for_erasure(zone)
+        data = export.waiting_for_erasure(zone)
     else:
         if not email.strip():
             raise click.UsageError("EMAIL is empty.")
-        data = personal_data.export(email, zone)
+        data = export.export(email, zone)
     db.session.rollback()  # reads only; no connection held while Clerk works
     if with_clerk:
         try:
-            personal_data.clerk_users(data)
+            export.clerk_users(data)
         except IrisError as error:
             _fail(f"Clerk could not be asked what it holds: {error.message}")
-    click.echo(personal_data.to_json(data))
+    click.echo(export.to_json(data))
 
 
 def _change_role(email: str, role: str) -> None:

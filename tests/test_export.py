@@ -1,6 +1,6 @@
 """``flask iris export``: what Iris holds about one address (a GDPR access request), and ``--all-deleted``,
 what waits for erasure and when. Accounts are made, deleted and deactivated through the real API against the
-Clerk stand-in over HTTP, on real PostgreSQL (iris.personal_data states the guarantees proved here)."""
+Clerk stand-in over HTTP, on real PostgreSQL (iris.export states the guarantees proved here)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from click.testing import Result
 from flask import Flask
 
-from iris import personal_data
+from iris import export as iris_export
 from iris.extensions import db
 from tests.helpers import (
     ME,
@@ -87,7 +87,7 @@ def test_export_gives_every_row_of_the_address_with_its_trail_and_round_trips(ap
     result = export(app, "  Owner@BISTRO.example ")
     data = printed(result)
     with app.app_context():
-        assert data == personal_data.export(ADDRESS, app.config["IRIS_TIMEZONE"])
+        assert data == iris_export.export(ADDRESS, app.config["IRIS_TIMEZONE"])
     assert result.stdout == export(app, ADDRESS).stdout  # the same state prints the same text
     json.loads(result.stdout, object_pairs_hook=keys_sorted)
 
@@ -230,7 +230,7 @@ def test_clerk_adds_the_clerk_user_withholding_every_other_address(app, client, 
     [entry] = data["accounts"]
     assert entry["clerk_user"]["id"] == user["clerk_user_id"]
     addresses = [item["email_address"] for item in entry["clerk_user"]["email_addresses"]]
-    assert sorted(addresses) == sorted([ADDRESS, personal_data.WITHHELD])
+    assert sorted(addresses) == sorted([ADDRESS, iris_export.WITHHELD])
     assert "elsewhere" not in json.dumps(data)
 
 
