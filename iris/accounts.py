@@ -21,7 +21,12 @@ Guarantees (tests/test_account_lifecycle.py proves each end to end, against the 
   live one unbans again and answers 200; neither records anything when the row did not change. Promoting an
   admin or demoting a restaurant account changes nothing and says so.
 - **Audited in the same transaction.** Every change to a row is recorded in ``audit_events`` (append-only)
-  by the transaction that makes it: no change without its record, no record without its change.
+  by the transaction that makes it (``iris.audit.record``): no change without its record, no record without
+  its change.
+- **Deleting erases.** Self-service deletion erases the account's personal data in the transaction that
+  soft-deletes it (``iris.personal_data.erase``). A deactivated account keeps its data while it may be
+  reactivated (IRIS_DEACTIVATED_RETENTION_DAYS); an erased account is never reactivated (409
+  ``account_erased``, nothing changed), and neither is one its owner deleted (``can_reactivate``).
 - **Impersonation is named.** An admin write made under impersonation (a session token with an ``act``
   claim: someone in Clerk's dashboard signed in as the admin) is recorded with both actors: ``actor_id`` is
   the admin whose account and role were used, and ``actor_name`` is ``impersonator:<act.sub>``, the Clerk
@@ -46,12 +51,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from flask import has_request_context
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
-from iris import clerk
+from iris import clerk, personal_data
+from iris.audit import Actor
+from iris.audit import record as _audit
 from iris.errors import (
+    AccountErased,
     CannotDeactivateSelf,
     ClerkUserDeleted,
     DatabaseUnavailable,
@@ -64,7 +71,6 @@ from iris.errors import (
 )
 from iris.extensions import db
 from iris.models import ADMIN, ROLES, AuditEvent, User, local_isoformat, normalise_email
-from iris.observability import request_id
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +104,39 @@ def find_account(user_id: uuid.UUID) -> User | None:
 
 
 def account_json(user: User, timezone: str) -> dict[str, Any]:
-    """The user JSON plus ``deleted_at`` (null while live): what admins see of an account."""
+    """The user JSON plus ``deleted_at`` (null while live) and ``erased_at`` (null until its personal data
+    was erased; ``email`` is null then): what admins see of an account."""
     deleted_at = local_isoformat(user.deleted_at, timezone) if user.deleted_at is not None else None
-    return {**user.to_dict(timezone), "deleted_at": deleted_at}
+    erased_at = local_isoformat(user.erased_at, timezone) if user.erased_at is not None else None
+    return {**user.to_dict(timezone), "deleted_at": deleted_at, "erased_at": erased_at}
+
+
+# The audit actions that soft-delete an account, and those among them an admin may undo by reactivating.
+DELETIONS = (
+    "account_deleted",
+    "deactivated",
+    "reactivation_undone",
+    "removed_not_me",
+    "expired_unconfirmed",
+    "deleted_at_clerk",
+)
+REACTIVATABLE = ("deactivated", "reactivation_undone")
+
+
+def can_reactivate(user: User) -> bool:
+    """True when an admin may try to reactivate ``user``: it is deleted, not erased, and the newest deletion
+    recorded for it is a deactivation. An account its owner deleted (or that was removed, expired or deleted
+    at Clerk) can never come back; such accounts are erased at once, and one deleted before erasure existed
+    is told by its audit trail. Reads only."""
+    if user.deleted_at is None or user.erased_at is not None:
+        return False
+    newest = db.session.execute(
+        sa.select(AuditEvent.action)
+        .where(AuditEvent.target_id == user.id, AuditEvent.action.in_(DELETIONS))
+        .order_by(AuditEvent.occurred_at.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return newest is None or newest in REACTIVATABLE
 
 
 @dataclass(frozen=True)
@@ -260,8 +296,8 @@ def audit_trail(user_id: uuid.UUID) -> list[tuple[AuditEvent, str | None]]:
 
 
 def delete_own_account(user: User) -> None:
-    """The owner deletes their account: the Clerk user is deleted, then the row soft-deleted (which frees the
-    email) and ``account_deleted`` recorded, in one transaction.
+    """The owner deletes their account: the Clerk user is deleted, then, in one transaction, the row
+    soft-deleted (which frees the email) and erased, ``account_deleted`` and ``erased`` recorded.
 
     Raises ``AuthProviderUnavailable``/``AuthProviderError`` when Clerk could not be made to delete the user
     (nothing changed here), and ``DatabaseUnavailable`` when the row could not be written after Clerk deleted
@@ -270,7 +306,7 @@ def delete_own_account(user: User) -> None:
     user_id, clerk_user_id = user.id, user.clerk_user_id or ""
     db.session.rollback()  # no connection held while Clerk works
     _delete_at_clerk(clerk_user_id)
-    _soft_delete(user_id, "account_deleted", actor_id=user_id)
+    _soft_delete(user_id, "account_deleted", Actor.user(user_id), erase=True)
     log.info("account %s deleted by its owner", user_id)
 
 
@@ -290,7 +326,7 @@ def deactivate(admin: User, account: User, *, actor_name: str | None = None) -> 
     db.session.rollback()
     with contextlib.suppress(NotFoundAtClerk):  # the Clerk user is gone: it cannot sign in either way
         _change_at_clerk(clerk.ban_user, clerk_user_id, banned=True)
-    if _soft_delete(account_id, "deactivated", actor_id=admin_id, actor_name=actor_name):
+    if _soft_delete(account_id, "deactivated", Actor.admin(admin_id, actor_name)):
         log.info("account %s deactivated by admin %s%s", account_id, admin_id, _as(actor_name))
     return _reload(account_id)
 
@@ -300,27 +336,31 @@ def reactivate(admin: User, account: User, *, actor_name: str | None = None) -> 
     it, recording ``reactivated`` (with ``actor_name`` beside the admin's id when given, as ``deactivate``);
     then the Clerk user is unbanned. Returns the account as it is now.
 
-    Raises ``EmailTaken`` (another live row has the email; nothing changed), ``ClerkUserDeleted`` (the Clerk
+    Raises ``AccountErased`` (its personal data was erased: it can never come back; nothing changed),
+    ``EmailTaken`` (another live row has the email; nothing changed), ``ClerkUserDeleted`` (the Clerk
     user no longer exists; the account stays deactivated), or the Clerk error when the unban failed: then the
     row has been soft-deleted again (``reactivation_undone``). ``DatabaseUnavailable`` when that undoing could
     not be written: the row is live while Clerk still bans it, and a retry completes the reactivation.
     Already live: unbanned again, nothing recorded.
     """
+    if account.erased_at is not None:
+        raise AccountErased()
     admin_id, account_id, clerk_user_id = admin.id, account.id, account.clerk_user_id or ""
     email, deleted_at = account.email, account.deleted_at
+    actor = Actor.admin(admin_id, actor_name)
     db.session.rollback()
     undeleted = False
     if deleted_at is not None:
         if clerk.get_user(clerk_user_id) is None:
             raise ClerkUserDeleted()
-        undeleted = _undelete(account_id, email, admin_id, actor_name)
+        undeleted = _undelete(account_id, email, actor)
     try:
         _change_at_clerk(clerk.unban_user, clerk_user_id, banned=False)
     except IrisError as error:
         gone = isinstance(error, NotFoundAtClerk)
         if undeleted or gone:  # a live row must not point at a Clerk user that is gone or still banned
             undone = "reactivation_undone"
-            _soft_delete(account_id, undone, actor_id=admin_id, actor_name=actor_name, deleted_at=deleted_at)
+            _soft_delete(account_id, undone, actor, deleted_at=deleted_at)
             log.warning("account %s: reactivation undone, the unban failed (%s)", account_id, error.code)
         raise (ClerkUserDeleted() if gone else error) from None
     if undeleted:
@@ -361,28 +401,13 @@ def change_role(email: str, role: str, actor_name: str) -> tuple[User, bool]:
         return user, False
     previous, user.role = user.role, role
     action = "promoted" if role == ADMIN else "demoted"
-    _record(action, user.id, actor_name=actor_name)
+    _audit(action, user.id, Actor(name=actor_name))
     db.session.commit()
     log.info("account %s %s (%s -> %s) by %s", user.id, action, previous, role, actor_name)
     return user, True
 
 
 # ---- the steps
-
-
-def _record(
-    action: str, target_id: uuid.UUID, *, actor_id: uuid.UUID | None = None, actor_name: str | None = None
-) -> None:
-    """Add the audit event to the session's transaction; the caller commits it with the change."""
-    db.session.add(
-        AuditEvent(
-            action=action,
-            target_id=target_id,
-            actor_id=actor_id,
-            actor_name=actor_name,
-            request_id=request_id() if has_request_context() else None,
-        )
-    )
 
 
 def _delete_at_clerk(clerk_user_id: str) -> None:
@@ -417,14 +442,15 @@ def _as(actor_name: str | None) -> str:
 def _soft_delete(
     account_id: uuid.UUID,
     action: str,
+    actor: Actor,
     *,
-    actor_id: uuid.UUID,
-    actor_name: str | None = None,
     deleted_at: datetime | None = None,
+    erase: bool = False,
 ) -> bool:
-    """Soft-delete the row if live (at ``deleted_at``, default now) and record ``action``, in one
-    transaction; True when the row changed. Any database failure becomes ``DatabaseUnavailable`` (503): it
-    comes after Clerk acted, so the caller's retry is what settles it."""
+    """Soft-delete the row if live (at ``deleted_at``, default now) and record ``action`` by ``actor``, and
+    with ``erase`` erase it too (``iris.personal_data.erase``: a live row deleted now, or one deleted
+    earlier and not erased yet), in one transaction; True when the row changed. Any database failure becomes
+    ``DatabaseUnavailable`` (503): it comes after Clerk acted, so the caller's retry is what settles it."""
     try:
         changed = db.session.execute(
             sa.update(User)
@@ -432,7 +458,9 @@ def _soft_delete(
             .values(deleted_at=deleted_at or datetime.now(UTC))
         ).rowcount
         if changed:
-            _record(action, account_id, actor_id=actor_id, actor_name=actor_name)
+            _audit(action, account_id, actor)
+        if erase:
+            changed = personal_data.erase(account_id, actor) or changed
         db.session.commit()
     except SQLAlchemyError as error:
         db.session.rollback()
@@ -446,19 +474,27 @@ def _soft_delete(
     return bool(changed)
 
 
-def _undelete(account_id: uuid.UUID, email: str, admin_id: uuid.UUID, actor_name: str | None) -> bool:
+def _undelete(account_id: uuid.UUID, email: str, actor: Actor) -> bool:
     """In one transaction: refuse when a live row (a pending registration included) has ``email``, else
-    undelete the row and record ``reactivated``. True when this call undeleted it."""
+    undelete the row unless it was erased meanwhile (``AccountErased``) and record ``reactivated``. True when
+    this call undeleted it."""
     try:
         taken = db.session.scalar(sa.select(User.id).where(User.email == email, User.id != account_id))
         if taken is not None:
             db.session.rollback()
             raise EmailTaken(EMAIL_TAKEN_NOW)
         changed = db.session.execute(
-            sa.update(User).where(User.id == account_id, User.deleted_at.is_not(None)).values(deleted_at=None)
+            sa.update(User)
+            .where(User.id == account_id, User.deleted_at.is_not(None), User.erased_at.is_(None))
+            .values(deleted_at=None)
         ).rowcount
         if changed:
-            _record("reactivated", account_id, actor_id=admin_id, actor_name=actor_name)
+            _audit("reactivated", account_id, actor)
+        elif db.session.scalar(
+            sa.select(User.erased_at).where(User.id == account_id).execution_options(include_deleted=True)
+        ):
+            db.session.rollback()
+            raise AccountErased()
         db.session.commit()
     except IntegrityError:  # the email was taken between the check and the update (uq_users_email_live)
         db.session.rollback()

@@ -8,12 +8,14 @@ page, exactly as for a page that does not exist. The rules live in iris.accounts
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 
-from iris import accounts, auth
+from iris import accounts, auth, personal_data
 from iris.errors import (
+    AccountErased,
     CannotDeactivateSelf,
     ClerkUserDeleted,
     EmailTaken,
@@ -90,11 +92,15 @@ def user(user_id: uuid.UUID):
     """One account: its facts, what an admin can do with it, and its audit trail, newest first."""
     admin = signed_in_admin()
     account = account_or_404(user_id)
+    retention_days = personal_data.retention_days()
     return render_template(
         "admin/user.html",
         account=account,
         own=account.id == admin.id,
         trail=accounts.audit_trail(account.id),
+        reactivatable=accounts.can_reactivate(account),
+        retention_days=retention_days,
+        erase_on=account.deleted_at + timedelta(days=retention_days) if account.deleted_at else None,
         timezone=current_app.config["IRIS_TIMEZONE"],
     )
 
@@ -119,14 +125,19 @@ def confirm(user_id: uuid.UUID, action: str):
     redirects (303) to the account's page. A missing or wrong password re-renders the page with 422 and
     does nothing (wrong ones rate-limited per client IP). An admin whose address is not confirmed gets the
     403 page (``auth.require_confirmed``). A refusal (the email taken meanwhile, the Clerk user gone) is
-    shown on this page (409); Clerk or the database failing is the 503 page, and pressing the button again
-    completes it. Under impersonation the change is audited as the impersonator's (``auth.audit_actor_name``).
+    shown on this page (409); an account that can never be reactivated (erased, or deleted by its owner:
+    ``accounts.can_reactivate``) gets the 409 page at once. Clerk or the database failing is the 503 page,
+    and pressing the button again completes it. Under impersonation the change is audited as the
+    impersonator's (``auth.audit_actor_name``).
     """
     admin = signed_in_admin()
     auth.require_confirmed(admin)
     account = account_or_404(user_id)
     if action == "deactivate" and account.id == admin.id:
         raise CannotDeactivateSelf()
+    if action == "reactivate" and account.deleted_at is not None and not accounts.can_reactivate(account):
+        # Not offered on the account's page: erased, or deleted by its owner (its Clerk user is gone).
+        raise AccountErased() if account.erased_at is not None else ClerkUserDeleted()
     heading, button, operation = ACTIONS[action]
     form = PasswordConfirmForm()
     problem = None
@@ -139,7 +150,7 @@ def confirm(user_id: uuid.UUID, action: str):
         except ValidationFailed as refused:
             form.password.errors = [detail["message"] for detail in refused.details]
             status = 422
-        except (EmailTaken, ClerkUserDeleted) as error:
+        except (AccountErased, EmailTaken, ClerkUserDeleted) as error:
             problem = error.message
             status = 409
             account = account_or_404(user_id)
@@ -154,4 +165,5 @@ def confirm(user_id: uuid.UUID, action: str):
         button=button,
         form=form,
         problem=problem,
+        retention_days=personal_data.retention_days(),
     ), status

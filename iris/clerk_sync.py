@@ -7,10 +7,11 @@ webhook and a reconcile pass make the same decision about the same Clerk user. G
   ``GET /v1/users`` carries) is applied only when its ``updated_at`` is newer than the one the row reflects
   (``users.clerk_updated_at``), by a conditional UPDATE. A late, repeated or out-of-order state changes
   nothing, so any order of the same events ends in the same rows.
-- **Deleted is for ever.** ``user.deleted`` records the Clerk user in ``clerk_deleted_users`` and
-  soft-deletes its row. Clerk never reuses an id, so no later event about that user makes or revives a row,
-  even one that arrives before any row existed. A row Iris itself deleted (the owner closed the account, an
-  admin deactivated it, maintenance removed it) is never revived by an event either.
+- **Deleted is for ever.** ``user.deleted`` records the Clerk user in ``clerk_deleted_users`` and soft-deletes
+  and erases its row (``iris.personal_data.erase``; a row deactivated here is erased too: its Clerk user is
+  gone, so it can never come back). Clerk never reuses an id, so no later event about that user makes or
+  revives a row, even one that arrives before any row existed. A row Iris itself deleted (the owner closed the
+  account, an admin deactivated it, maintenance removed it) is never revived by an event either.
 - **Pending rows are their registration's.** A state that names a pending row (our ``external_id`` on a
   Clerk user whose registration has not completed) completes it only through ``registration.settle``, once
   the row's lease has run out; before that the registration in flight completes it itself.
@@ -26,19 +27,23 @@ webhook and a reconcile pass make the same decision about the same Clerk user. G
   Clerk marks every address it is given verified, before registration marks it unverified) never confirms a
   row: the address did not change.
 
+- **Audited.** Every change to a row is recorded (``iris.audit.record``) in its transaction, by the actor
+  the entry point names: ``clerk-webhook:<svix-id>`` for a webhook, ``maintenance`` for reconcile.
+
 Every function writes in its own short transaction and holds no connection while Clerk is called.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from iris import clerk, registration
+from iris import audit, clerk, personal_data, registration
 from iris.errors import InvalidEvent, SyncDeferred, database_errors
 from iris.extensions import db
 from iris.models import DEFAULT_ROLE, ClerkDeletedUser, User, normalise_email
@@ -122,8 +127,9 @@ def apply_user(user: Any, *, dry_run: bool = False) -> Change | None:
 
 
 def apply_deleted(clerk_user_id: str, external_id: object = None, *, dry_run: bool = False) -> Change | None:
-    """A Clerk user was deleted: remember it for ever and soft-delete its row. Returns the change, or None
-    when the row was already deleted (or there is none: the tombstone still stops any later event making one).
+    """A Clerk user was deleted: remember it for ever, soft-delete its row and erase it (a row deleted here
+    earlier, a deactivated one, is erased too). Returns the change, or None when the row was already deleted
+    (or there is none: the tombstone still stops any later event making one).
 
     A pending row named by ``external_id`` (its registration's Clerk user was deleted before the row
     completed) is settled by ``registration.settle`` once its lease has run out: it finds no Clerk user and
@@ -138,16 +144,26 @@ def apply_deleted(clerk_user_id: str, external_id: object = None, *, dry_run: bo
             db.session.rollback()
             return Change("deleted", clerk_user_id, row.email) if row and row.deleted_at is None else None
         _remember_deleted(clerk_user_id)
-        deleted = db.session.execute(
-            sa.update(User)
-            .where(User.clerk_user_id == clerk_user_id, User.deleted_at.is_(None))
-            .values(deleted_at=datetime.now(UTC))
-            .returning(User.email)
-        ).scalar_one_or_none()
+        # Locked, so that the address read here is the one erased, and two deliveries erase once.
+        found = db.session.execute(
+            sa.select(User.id, User.email, User.deleted_at)
+            .where(User.clerk_user_id == clerk_user_id, User.erased_at.is_(None))
+            .with_for_update()
+        ).first()
+        deleted = None
+        if found is not None:
+            if found.deleted_at is None:
+                db.session.execute(
+                    sa.update(User).where(User.id == found.id).values(deleted_at=datetime.now(UTC))
+                )
+                audit.record("deleted_at_clerk", found.id)
+                deleted = found.email
+            personal_data.erase(found.id)
         db.session.commit()
+    if found is not None:
+        log.info("account of Clerk user %s erased: deleted at Clerk", clerk_user_id)
     if deleted is None:
         return None
-    log.info("account of Clerk user %s soft-deleted: deleted at Clerk", clerk_user_id)
     return Change("deleted", clerk_user_id, deleted)
 
 
@@ -229,6 +245,7 @@ def _update(row: User, state: ClerkState, *, dry_run: bool, depth: int) -> Chang
     if dry_run:
         return change
     values = {"email": email, "email_verified_at": verified_at, "clerk_updated_at": state.updated_at}
+    actions = _audit_actions(row, email, verified_at)  # before the UPDATE, which refreshes ``row``
     try:
         with database_errors():
             updated = db.session.execute(
@@ -240,6 +257,8 @@ def _update(row: User, state: ClerkState, *, dry_run: bool, depth: int) -> Chang
                 )
                 .values(**values)
             ).rowcount
+            for action in actions if updated else []:
+                audit.record(action, row.id)
             db.session.commit()
     except sa.exc.IntegrityError:
         db.session.rollback()
@@ -277,8 +296,10 @@ def _create(state: ClerkState, *, dry_run: bool, depth: int) -> Change | None:
         return change
     try:
         with database_errors():
+            user_id = uuid.uuid4()
             db.session.add(
                 User(
+                    id=user_id,
                     email=state.email,
                     clerk_user_id=state.clerk_user_id,
                     role=DEFAULT_ROLE,
@@ -286,6 +307,7 @@ def _create(state: ClerkState, *, dry_run: bool, depth: int) -> Change | None:
                     email_verified_at=datetime.now(UTC) if state.verified else None,
                 )
             )
+            audit.record("created_from_clerk", user_id)
             db.session.commit()
     except sa.exc.IntegrityError:
         db.session.rollback()
@@ -339,6 +361,16 @@ def _describe(row: User, email: str, verified_at: datetime | None, clerk_user_id
     if row.email_verified_at is None and verified_at is not None:
         return Change("confirmed", clerk_user_id, email)
     return None
+
+
+def _audit_actions(row: User, email: str, verified_at: datetime | None) -> list[str]:
+    """The audit actions of applying ``email`` and ``verified_at`` to ``row`` (none for bookkeeping alone)."""
+    actions = ["email_changed"] if email != row.email else []
+    if row.email_verified_at is None and verified_at is not None:
+        actions.append("email_confirmed")
+    elif row.email_verified_at is not None and verified_at is None:
+        actions.append("email_unconfirmed")
+    return actions
 
 
 def _row_by_clerk_id(clerk_user_id: str) -> User | None:

@@ -74,7 +74,9 @@ def iris_cli(verbose: bool) -> None:
 def reconcile_command(dry_run: bool) -> None:
     """The maintenance pass (iris.maintenance): settle registrations that died half-way, walk Clerk's users
     and Iris's accounts and repair drift both ways, remove accounts left unconfirmed longer than
-    IRIS_UNVERIFIED_TTL_HOURS, send the mails not sent yet, forget old webhook ids.
+    IRIS_UNVERIFIED_TTL_HOURS, send the mails not sent yet, erase accounts deactivated longer than
+    IRIS_DEACTIVATED_RETENTION_DAYS (and delete their Clerk users), prune sent mails and webhook ids after
+    30 days.
 
     Shows progress on a terminal, then every change made, the Clerk users this database did not make ("Not
     ours, left alone": never deleted or banned) and a summary line. Exits 1 when something could not be
@@ -123,6 +125,9 @@ SUMMARY_KINDS = (
     "not_ours",
     "unconfirmed_removed",
     "mail_sent",
+    "retention_erased",
+    "mails_pruned",
+    "webhook_ids_forgotten",
     "failed",
 )
 

@@ -333,6 +333,9 @@ ENVIRONMENT: dict[str, Setting] = {
     # never from a request's Host.
     "IRIS_PUBLIC_URL": Setting("IRIS_PUBLIC_URL", None, _public_url, required=_outside_development),
     "IRIS_UNVERIFIED_TTL_HOURS": Setting("IRIS_UNVERIFIED_TTL_HOURS", 168, _positive_whole_number),
+    # How long a deactivated account keeps its data (counted from deleted_at) before reconcile erases it and
+    # deletes its Clerk user (iris.personal_data).
+    "IRIS_DEACTIVATED_RETENTION_DAYS": Setting("IRIS_DEACTIVATED_RETENTION_DAYS", 90, _positive_whole_number),
     # How recent a sign-in (the token's fva[0], minutes since the first factor) deleting an account and admin
     # writes need (iris.auth.require_recent_sign_in); 0 switches the check off.
     "IRIS_REVERIFY_MINUTES": Setting("IRIS_REVERIFY_MINUTES", 10, _non_negative_whole_number),

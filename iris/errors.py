@@ -243,6 +243,18 @@ class ClerkUserDeleted(IrisError):
     )
 
 
+class AccountErased(IrisError):
+    """The account's personal data has been erased (its owner deleted it, or it was deactivated longer than
+    IRIS_DEACTIVATED_RETENTION_DAYS): it can never be reactivated (409), and nothing changes."""
+
+    status_code = 409
+    code = "account_erased"
+    message = (
+        "This account's data has been erased, so it cannot be reactivated. Nothing was changed;"
+        " the person can sign up again."
+    )
+
+
 class RoleChangeRefused(IrisError):
     """``flask iris promote``/``demote`` refused: no such live account, or not one that may be promoted (a
     registration not settled, or an email address not confirmed). Nothing changed."""

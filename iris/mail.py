@@ -12,10 +12,11 @@ Guarantees:
   ``sent_at`` may cause one repeat, and so may a server that drops a reused connection after taking a mail but
   before answering (the courier tries that mail once more on a fresh connection): a mail can arrive twice,
   never zero times while attempts remain.
-- **Nothing secret stored or logged.** An outbox row holds who and what (user, kind, address), never a link,
-  token or password. The link is made when the mail is built (``compose``; the database keeps only its
-  token's hash), so it exists only in the mail; only the kind, the row id and an error's type are logged.
-  ``last_error`` holds an error type or SMTP code, never a message body.
+- **Nothing secret stored or logged.** An outbox row holds who and what (user, kind, and a keyed hash of the
+  address: ``iris.personal_data``), never the address itself, a link, token or password. The mail goes to
+  the account's current address. The link is made when the mail is built (``compose``; the database keeps
+  only its token's hash), so it exists only in the mail; only the kind, the row id and an error's type are
+  logged. ``last_error`` holds an error type or SMTP code, never a message body.
 
 The courier: one per app per process, made on first use in that process, so a gunicorn worker makes its
 own and the master, which sends nothing, never starts a thread. Its daemon thread sends the mails in the
@@ -54,7 +55,7 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from flask import Flask, current_app
 
-from iris import metrics
+from iris import metrics, personal_data
 from iris.errors import DATABASE_UNREACHABLE, database_failure
 from iris.extensions import db
 from iris.models import MailOutbox, User
@@ -89,7 +90,16 @@ def queue(user: User, kind: str) -> uuid.UUID:
     """Add a ``kind`` mail to ``user`` to the session's transaction; the caller commits, then hands the
     returned id to ``send_later`` (or ``send``)."""
     outbox_id = uuid.uuid4()
-    db.session.add(MailOutbox(id=outbox_id, user_id=user.id, kind=kind, to_address=user.email, attempts=0))
+    db.session.add(
+        MailOutbox(
+            id=outbox_id,
+            user_id=user.id,
+            kind=kind,
+            to_hmac=personal_data.address_hmac(user.email),
+            hmac_key_id=personal_data.key_id(),
+            attempts=0,
+        )
+    )
     return outbox_id
 
 
@@ -213,8 +223,11 @@ def send_unsent(compose: Composer) -> dict[str, int]:
 
 def last_queued(address: str, kinds: tuple[str, ...] | None = None) -> datetime | None:
     """When the newest mail to ``address`` (of one of ``kinds``, when given) was queued, or None; for the
-    per-address bound on verification mails (``iris.verification.queue_mail``)."""
-    query = sa.select(sa.func.max(MailOutbox.created_at)).where(MailOutbox.to_address == address)
+    per-address bound on verification mails (``iris.verification.queue_mail``). Recognised by its keyed hash
+    (``iris.personal_data.address_hmac``): the outbox never holds the address itself, so the bound still
+    holds after the account that had the address was erased."""
+    hashed = personal_data.address_hmac(address)
+    query = sa.select(sa.func.max(MailOutbox.created_at)).where(MailOutbox.to_hmac == hashed)
     if kinds is not None:
         query = query.where(MailOutbox.kind.in_(kinds))
     newest = db.session.execute(query).scalar_one()

@@ -20,7 +20,14 @@ In order, each step on its own:
    (``GET /v1/users?user_id=...``): a row whose Clerk user is gone is soft-deleted.
 4. Remove accounts left unconfirmed longer than IRIS_UNVERIFIED_TTL_HOURS (``iris.verification``).
 5. Send the mails not sent yet (``iris.mail``).
-6. Forget processed webhook ids older than ``DELIVERY_RETENTION`` (longer than Svix's whole retry schedule).
+6. Erase deactivated accounts past IRIS_DEACTIVATED_RETENTION_DAYS (``_erase_past_retention``): every
+   deleted, unerased account whose ``deleted_at`` is that long ago gets its Clerk user deleted (a 404 counts
+   as done; a lost answer is looked up; Clerk unreachable: tried again next run, counted as failed), then its
+   row erased (``iris.personal_data.erase``), unless an admin reactivated it meanwhile.
+7. Prune what is kept only for a while: sent (or given-up) mails and processed webhook ids older than
+   ``PRUNE_AFTER`` (30 days; longer than Svix's whole retry schedule).
+
+Every change to an account is audited (``iris.audit``) with the actor ``maintenance``.
 
 Memory does not grow with the number of users: each walk holds one page, and the report keeps at most
 ``MAX_LISTED`` change lines (and counts the rest). Clerk's 429 is waited out for its Retry-After (at most
@@ -44,9 +51,15 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from flask import current_app
 
-from iris import clerk, clerk_sync, mail, registration, verification
+from iris import audit, clerk, clerk_sync, mail, personal_data, registration, verification
 from iris.config import direct_engine
-from iris.errors import AuthProviderError, AuthProviderUnavailable, ClerkRefused, IrisError, RateLimited
+from iris.errors import (
+    AuthProviderError,
+    AuthProviderUnavailable,
+    ClerkRefused,
+    IrisError,
+    RateLimited,
+)
 from iris.extensions import db
 from iris.models import ClerkDeletedUser, ClerkWebhookDelivery, MailOutbox, User
 
@@ -64,9 +77,10 @@ MAX_RATE_LIMIT_WAIT = 300
 DEFAULT_RETRY_DELAYS = (1.0, 5.0, 15.0)
 # A row deleted less than this long ago is not acted on at Clerk: a request may still be deleting it there.
 RECENTLY_DELETED = timedelta(minutes=10)
-# Svix retries for about 28 hours; a delivery replayed from the dashboard later than this is applied again,
-# which changes nothing (iris.clerk_sync applies only newer states).
-DELIVERY_RETENTION = timedelta(days=7)
+# How long sent mails and processed webhook ids are kept. Svix retries for about 28 hours; a delivery replayed
+# from the dashboard later than this is applied again, which changes nothing (iris.clerk_sync applies only
+# newer states).
+PRUNE_AFTER = timedelta(days=30)
 ROWS_PER_CLERK_CALL = clerk.FILTER_LIMIT
 
 # (label, total) -> a context manager giving a function to call with how many items were done.
@@ -121,12 +135,14 @@ def run(*, dry_run: bool = False, progress: Progress = no_progress) -> Report:
     report instead, and the steps that do not need what failed still run.
     """
     report = Report(dry_run=dry_run)
-    _settle_registrations(report)
-    _walk_clerk_users(report, progress)
-    _walk_rows(report, progress)
-    _expire_unconfirmed(report)
-    _send_mails(report)
-    _prune_deliveries(report)
+    with audit.acting(audit.Actor.maintenance()):
+        _settle_registrations(report)
+        _walk_clerk_users(report, progress)
+        _walk_rows(report, progress)
+        _expire_unconfirmed(report)
+        _send_mails(report)
+        _erase_past_retention(report)
+        _prune(report)
     return report
 
 
@@ -372,16 +388,68 @@ def _send_mails(report: Report) -> None:
         report.fail("a mail could not be sent (the mail server unreachable or refusing)")
 
 
-def _prune_deliveries(report: Report) -> None:
-    old = ClerkWebhookDelivery.received_at < datetime.now(UTC) - DELIVERY_RETENTION
-    if report.dry_run:
-        pruned = db.session.execute(sa.select(sa.func.count()).where(old)).scalar_one()
-        db.session.rollback()
-    else:
-        pruned = db.session.execute(sa.delete(ClerkWebhookDelivery).where(old)).rowcount
+def _erase_past_retention(report: Report) -> None:
+    """Step 6 (module docstring): ``retention_erased`` for each account erased, a failure for each one whose
+    Clerk user could not be deleted now (its row stays as it is, for the next run)."""
+    cutoff = datetime.now(UTC) - timedelta(days=personal_data.retention_days())
+    due = db.session.execute(
+        sa.select(User.id, User.clerk_user_id)
+        .where(
+            User.deleted_at < cutoff,
+            User.erased_at.is_(None),
+            User.clerk_user_id.is_not(None),
+        )
+        .order_by(User.deleted_at)
+        .execution_options(include_deleted=True)
+    ).all()
+    db.session.rollback()
+    for row in due:
+        what = f"{row.id}  (deactivated longer than {personal_data.retention_days()} days)"
+        if report.dry_run:
+            report.change("retention_erased", what)
+            continue
+        if not _delete_banned_at_clerk(row.clerk_user_id, report):
+            continue
+        erased = personal_data.erase(row.id, deleted_before=cutoff)  # not if reactivated meanwhile
         db.session.commit()
-    if pruned:
-        report.counts["webhook_ids_forgotten"] += pruned
+        if erased:
+            log.info("account %s erased: deactivated longer than the retention period", row.id)
+            report.change("retention_erased", what)
+
+
+def _delete_banned_at_clerk(clerk_user_id: str, report: Report) -> bool:
+    """Delete a deactivated account's Clerk user; True once Clerk is known to hold no such user (a 404 counts
+    as done; a lost answer is looked up), False (and a failure in the report) otherwise."""
+    try:
+        clerk.delete_user(clerk_user_id)  # False: already gone, which is done too
+    except IrisError as error:
+        try:
+            gone = clerk.answer_was_lost(error) and clerk.get_user(clerk_user_id) is None
+        except IrisError:
+            gone = False
+        if not gone:
+            report.fail(f"deleting {clerk_user_id} after the retention period: {error.message}; run again")
+            return False
+    return True
+
+
+def _prune(report: Report) -> None:
+    """Step 7: delete mails sent (or given up) and webhook ids received more than ``PRUNE_AFTER`` ago,
+    counted as ``mails_pruned`` and ``webhook_ids_forgotten``."""
+    cutoff = datetime.now(UTC) - PRUNE_AFTER
+    done = sa.or_(MailOutbox.sent_at.is_not(None), MailOutbox.attempts >= mail.MAX_ATTEMPTS)
+    targets = (
+        ("mails_pruned", MailOutbox, sa.and_(MailOutbox.created_at < cutoff, done)),
+        ("webhook_ids_forgotten", ClerkWebhookDelivery, ClerkWebhookDelivery.received_at < cutoff),
+    )
+    for kind, model, old in targets:
+        if report.dry_run:
+            pruned = db.session.execute(sa.select(sa.func.count()).select_from(model).where(old)).scalar_one()
+            db.session.rollback()
+        else:
+            pruned = db.session.execute(sa.delete(model).where(old)).rowcount
+            db.session.commit()
+        report.counts[kind] += pruned
 
 
 def _ask_clerk(call: Callable[[], T], what: str, report: Report) -> T | None:

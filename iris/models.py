@@ -76,6 +76,8 @@ class User(BaseModel):
         # The admin listing (iris.accounts.list_accounts): newest first, cursor-paged on (created_at, id). A
         # page reads this index backwards from its cursor and stops after ``limit`` rows, however deep it is.
         sa.Index("ix_users_created_at_id", "created_at", "id"),
+        # Only a deleted account is ever erased (iris.personal_data.erase).
+        sa.CheckConstraint("erased_at IS NULL OR deleted_at IS NOT NULL", name="erased_is_deleted"),
     )
 
     email: Mapped[str] = mapped_column(sa.String(320))
@@ -92,6 +94,10 @@ class User(BaseModel):
     # Clerk's ``updated_at`` (Unix ms) of the Clerk user state this row reflects (iris.clerk_sync): a webhook
     # or reconcile applies a Clerk user only when it is newer. NULL: not synced from Clerk yet.
     clerk_updated_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    # When the account's personal data was erased (iris.personal_data.erase): ``email`` then holds a
+    # placeholder that is no address (``erased:<id>``), and nothing else in the database names the person.
+    # Only a deleted account is erased, and an erased one can never be reactivated. NULL: not erased.
+    erased_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
     @orm.validates("email")
     def _normalise_email(self, key: str, value: str) -> str:
@@ -101,7 +107,7 @@ class User(BaseModel):
         """The user JSON of the API contract, timestamps rendered in ``timezone``."""
         return {
             "id": str(self.id),
-            "email": self.email,
+            "email": None if self.erased_at is not None else self.email,
             "clerk_user_id": self.clerk_user_id,
             "role": self.role,
             "email_verified": self.email_verified_at is not None,
@@ -114,16 +120,20 @@ class MailOutbox(db.Model):
     """A mail Iris owes someone (iris.mail): written in the transaction that makes it due, sent after the
     commit, retried by ``flask iris reconcile`` until sent or ``attempts`` reaches its bound.
 
-    Holds who and what only: no link, no token, no password. The link is made when the mail is sent.
+    Holds who and what only: no link, no token, no password, and not the address either. The mail is sent to
+    the account's current address (``user_id``); ``to_hmac`` is a keyed hash of the address it was queued
+    for (``iris.personal_data.address_hmac``, key ``hmac_key_id``), which is all the per-address bound on
+    verification mails needs (``iris.mail.last_queued``). The link is made when the mail is sent.
     """
 
     __tablename__ = "mail_outbox"
-    __table_args__ = (sa.Index("ix_mail_outbox_to_address_created_at", "to_address", "created_at"),)
+    __table_args__ = (sa.Index("ix_mail_outbox_to_hmac_created_at", "to_hmac", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, sa.ForeignKey("users.id"))
     kind: Mapped[str] = mapped_column(sa.String(40))
-    to_address: Mapped[str] = mapped_column(sa.String(320))
+    to_hmac: Mapped[str | None] = mapped_column(sa.String(64))
+    hmac_key_id: Mapped[str | None] = mapped_column(sa.String(16))
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     sent_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
@@ -197,7 +207,8 @@ def _hide_soft_deleted(execute_state: orm.ORMExecuteState) -> None:
         )
 
 
-# What ``audit_events.action`` may say (iris.accounts writes them; the check constraint is built from these).
+# What ``audit_events.action`` may say (iris.audit.record writes them; the check constraint is built from
+# these, and migration 0008 has the same list).
 AUDIT_ACTIONS = (
     "account_deleted",  # the owner deleted their own account (API or /account)
     "deactivated",  # an admin banned it at Clerk and soft-deleted it here
@@ -205,6 +216,17 @@ AUDIT_ACTIONS = (
     "reactivation_undone",  # the unban failed after the undelete committed: soft-deleted again
     "promoted",  # an operator made it an admin (flask iris promote)
     "demoted",  # an operator made it a restaurant again (flask iris demote)
+    "registration_started",  # a registration reserved the address (a pending row)
+    "registered",  # the registration completed with its Clerk user
+    "registration_undone",  # the registration failed or died half-way: its pending row deleted
+    "created_from_clerk",  # a Clerk user made outside Iris (Clerk's dashboard) got its account
+    "email_changed",  # the primary address changed at Clerk, and the row followed
+    "email_confirmed",  # the owner proved the address (the link, or Clerk verified it)
+    "email_unconfirmed",  # Clerk says the address is not verified any more
+    "removed_not_me",  # "this wasn't me": the address's owner removed an account they never made
+    "expired_unconfirmed",  # left unconfirmed past IRIS_UNVERIFIED_TTL_HOURS: removed by maintenance
+    "deleted_at_clerk",  # the Clerk user was deleted (webhook user.deleted, or maintenance found it gone)
+    "erased",  # the account's personal data was erased (iris.personal_data.erase)
 )
 
 

@@ -42,6 +42,12 @@ Whoever learns that a Clerk write of theirs may still land extends their lease b
 
 Invariant behind all of it: a pending row is deleted only by its owner, once Clerk is known to hold no user
 for it and no Clerk write of the owner's can still land.
+
+Audited (``iris.audit``): reserving (``registration_started``), completing (``registered``) and undoing
+(``registration_undone``) each record their event in their own transaction, by the person registering
+(``user:<new id>``) on their own request, and by whoever settles otherwise (``maintenance``,
+``clerk-webhook:<svix-id>``). Lease bookkeeping (``pending_owner``, ``pending_until``) is not an account
+change and records nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import email_validator
 import sqlalchemy as sa
 from flask import current_app
 
-from iris import clerk, mail, metrics, verification
+from iris import audit, clerk, mail, metrics, verification
 from iris.errors import (
     DATABASE_UNREACHABLE,
     AuthProviderError,
@@ -120,7 +126,13 @@ def _register(email: object, password: object, role: object) -> User:
     except EmailTaken:
         verification.request_mail(email, verification.VERIFY_AGAIN)  # only if held by an unconfirmed account
         raise
-    clerk_user = _create_at_clerk(lease, email, cast(str, password), instance)
+    with audit.acting(audit.Actor.user(lease.user_id)):  # the person registering: user:<their new id>
+        return _create_and_complete(lease, email, cast(str, password), instance)
+
+
+def _create_and_complete(lease: Lease, email: str, password: str, instance: uuid.UUID) -> User:
+    """The rest of ``_register`` once the address is reserved: create the Clerk user, then complete."""
+    clerk_user = _create_at_clerk(lease, email, password, instance)
     clerk_user_id = clerk_user["id"]
     try:
         verification.unverify_at_clerk(clerk_user)
@@ -157,8 +169,8 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     delete the row.
 
     Returns counts: ``completed``, ``removed``, ``failed`` (Clerk or the database unreachable; left for the
-    next run). A row another settler holds at that moment is skipped and not counted. Safe to run at any time,
-    more than once, and concurrently with registrations and with itself.
+    next run). Audited as ``maintenance``. A row another settler holds at that moment is skipped and not
+    counted. Safe to run at any time, more than once, and concurrently with registrations and with itself.
     """
     now = now or datetime.now(UTC)
     with database_errors():
@@ -175,7 +187,8 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     counts = {"completed": 0, "removed": 0, "failed": 0}
     for user_id in expired:
         try:
-            outcome = settle(user_id, adopt=True, now=now)
+            with audit.acting(audit.Actor.maintenance()):
+                outcome = settle(user_id, adopt=True, now=now)
         except DatabaseUnavailable:
             outcome = "failed"
         if outcome == "failed":
@@ -276,6 +289,7 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
                 pending_until=now + _pending_timeout(),
             )
         )
+        audit.record("registration_started", lease.user_id, audit.Actor.user(lease.user_id))
         try:
             db.session.commit()
             return lease
@@ -291,7 +305,8 @@ def _reserve(email: str, role: str, *, retry: bool = True) -> Lease:
     if until > now:
         raise RegistrationInProgress(retry_after=_seconds_until(until, now))
     log.info("registration %s is unsettled and its lease ran out; undoing it before a new attempt", holder.id)
-    outcome = settle(holder.id, adopt=False, now=now)
+    with audit.acting(audit.Actor.maintenance()):  # housekeeping, not the person now registering
+        outcome = settle(holder.id, adopt=False, now=now)
     if outcome == "failed":
         raise AuthProviderUnavailable()
     if outcome == "busy":
@@ -460,6 +475,7 @@ def _complete(lease: Lease, clerk_user_id: str) -> tuple[User, uuid.UUID | None]
             db.session.rollback()
             log.warning("registration %s: the pending row is no longer ours to complete", lease.user_id)
             raise LeaseLost()
+        audit.record("registered", lease.user_id)
         # Within the per-address bound (None: one went to the address minutes ago; the person can ask again).
         outbox_id = verification.queue_mail(user, verification.VERIFY) if verification.required() else None
         db.session.flush()
@@ -502,6 +518,8 @@ def _release(lease: Lease) -> bool:
                 User.id == lease.user_id, User.pending_owner == lease.owner, User.clerk_user_id.is_(None)
             )
         ).rowcount
+        if deleted:
+            audit.record("registration_undone", lease.user_id)
         db.session.commit()
     except DATABASE_UNREACHABLE as error:
         db.session.rollback()

@@ -23,16 +23,20 @@ Iris takes that back and asks the owner. Guarantees:
   ``WRONG_PASSWORD_WINDOW``, counted in the database (``VerificationAttempt``) before Clerk is asked, so a
   link cannot be used to try passwords quickly from many addresses (the page adds a per-IP limit). The
   password is passed to Clerk only: never stored, logged or sent back.
-- **Confirm.** After the password, the Clerk address is marked verified, then ``email_verified_at`` is set.
+- **Confirm.** After the password, the Clerk address is marked verified, then ``email_verified_at`` is set
+  and ``email_confirmed`` recorded by the account.
   If Clerk fails nothing changes here (503); confirming again is safe, the PATCH is idempotent.
 - **Remove ("this wasn't me").** Needs no password. The Clerk user is deleted first, then the row
-  soft-deleted, which frees the email at once. When the delete's answer is lost, the user is looked up:
+  soft-deleted and erased (``iris.personal_data.erase``: no trace of the address is left), which frees the
+  email at once; ``removed_not_me`` and ``erased`` are recorded, by the account (the address's owner
+  acting through its link). When the delete's answer is lost, the user is looked up:
   gone, the row is soft-deleted; still there (or Clerk unreachable), nothing changes here and the answer is
   503. A late delete can then leave a live unconfirmed row without a Clerk user; trying again, or the expiry
   below, settles it (a delete of a user already gone counts as done).
 - **No squatting.** An account unconfirmed after IRIS_UNVERIFIED_TTL_HOURS is removed by ``flask iris
-  reconcile`` the same way. A registration of an address held by an unconfirmed account mails its owner the
-  two choices again, "this wasn't me" first.
+  reconcile`` the same way, erased too (recorded as ``expired_unconfirmed`` by ``maintenance``). A
+  registration of an address held by an unconfirmed account mails its owner the two choices again, "this
+  wasn't me" first.
 - **Mails to one address are bounded, whatever asks.** Every verification mail (the registration's, the note
   to a squatted address's owner, a resend) is queued through ``queue_mail``, which queues at most one per
   address per ``MAIL_INTERVAL`` (decided from the outbox, one decision per address at a time), so register,
@@ -56,7 +60,7 @@ import email_validator
 import sqlalchemy as sa
 from flask import current_app, render_template
 
-from iris import clerk, mail
+from iris import audit, clerk, mail, personal_data
 from iris.errors import (
     DATABASE_UNREACHABLE,
     AuthProviderError,
@@ -150,11 +154,13 @@ def confirm(token: str, password: str) -> Outcome:
     clerk.set_email_verified(_primary_address_id(clerk_user), True)
     now = datetime.now(UTC)
     with database_errors():
-        db.session.execute(
+        confirmed = db.session.execute(
             sa.update(User)
             .where(User.id == user.id, User.email_verified_at.is_(None), User.deleted_at.is_(None))
             .values(email_verified_at=now)
-        )
+        ).rowcount
+        if confirmed:
+            audit.record("email_confirmed", user.id, audit.Actor.user(user.id))
         _use(link.id, now)
         db.session.commit()
     log.info("account %s: email address confirmed", user.id)
@@ -168,14 +174,23 @@ def remove(token: str) -> State:
     state, user, link = _find(token)
     if state != "open" or user is None or link is None:
         return state
-    remove_account(user, reason="the owner of the address did not sign up", link_id=link.id)
+    remove_account(
+        user,
+        reason="the owner of the address did not sign up",
+        action="removed_not_me",
+        actor=audit.Actor.user(user.id),
+        link_id=link.id,
+    )
     return "removed"
 
 
-def remove_account(user: User, *, reason: str, link_id: uuid.UUID | None = None) -> None:
-    """Delete ``user``'s Clerk user, then soft-delete its row if still live (and mark the link ``link_id``
-    used, in the same transaction). Raises ``IrisError`` when the Clerk user may still exist (see the module
-    docstring); the row is then left as it is."""
+def remove_account(
+    user: User, *, reason: str, action: str, actor: audit.Actor, link_id: uuid.UUID | None = None
+) -> None:
+    """Delete ``user``'s Clerk user, then, in one transaction, soft-delete its row if still live (recording
+    ``action`` by ``actor``), erase it (``iris.personal_data.erase``) and mark the link ``link_id`` used.
+    Raises ``IrisError`` when the Clerk user may still exist (see the module docstring); the row is then left
+    as it is."""
     try:
         clerk.delete_user(user.clerk_user_id or "")
     except IrisError as error:
@@ -185,11 +200,14 @@ def remove_account(user: User, *, reason: str, link_id: uuid.UUID | None = None)
             raise
     now = datetime.now(UTC)
     # Even if it was confirmed meanwhile: once its Clerk user is gone, a live row would point at nothing.
-    db.session.execute(
+    deleted = db.session.execute(
         sa.update(User).where(User.id == user.id, User.deleted_at.is_(None)).values(deleted_at=now)
-    )
+    ).rowcount
+    if deleted:
+        audit.record(action, user.id, actor)
     if link_id is not None:
         _use(link_id, now)
+    personal_data.erase(user.id, actor, now)
     db.session.commit()
     log.info("account %s removed: %s", user.id, reason)
 
@@ -288,7 +306,12 @@ def expire_unconfirmed(now: datetime | None = None) -> dict[str, int]:
     db.session.rollback()
     for user in users:
         try:
-            remove_account(user, reason="left unconfirmed too long")
+            remove_account(
+                user,
+                reason="left unconfirmed too long",
+                action="expired_unconfirmed",
+                actor=audit.Actor.maintenance(),
+            )
             counts["removed"] += 1
         except IrisError:
             log.warning("account %s: unconfirmed too long, but Clerk could not remove it now", user.id)
@@ -400,9 +423,7 @@ def _token_sha256(token: str) -> str:
 
 
 def _email_hmac(email: str) -> str:
-    key = current_app.config["SECRET_KEY"]
-    key_bytes = key if isinstance(key, bytes) else str(key).encode()
-    return hmac.new(key_bytes, EMAIL_HMAC_CONTEXT + email.encode(), hashlib.sha256).hexdigest()
+    return personal_data.keyed_hash(email, EMAIL_HMAC_CONTEXT)
 
 
 def _aware(moment: datetime) -> datetime:

@@ -10,8 +10,9 @@ Guarantees:
   applied, and a recorded one is acknowledged without being applied again. Applying one twice is harmless
   anyway (``iris.clerk_sync``: only newer states apply), which covers two copies arriving at once.
 - 2xx means "applied, or nothing to apply": ``user.created``/``user.updated``/``user.deleted`` go to
-  ``iris.clerk_sync``; other event types are acknowledged and ignored. A change that cannot be applied now
-  (database or Clerk unreachable, ``SyncDeferred``) answers 503, and Svix retries it on its schedule.
+  ``iris.clerk_sync``, whose changes are audited as ``clerk-webhook:<svix-id>``; other event types are
+  acknowledged and ignored. A change that cannot be applied now (database or Clerk unreachable,
+  ``SyncDeferred``) answers 503, and Svix retries it on its schedule.
 - Not behind the session-token check, CSRF or the rate limiter (the factory exempts this blueprint): Svix
   signs its requests, and a rate limit would only turn its retries into more retries.
 
@@ -29,7 +30,7 @@ import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from iris import clerk_sync
+from iris import audit, clerk_sync
 from iris.errors import DATABASE_UNREACHABLE, DatabaseUnavailable, InvalidEvent, InvalidWebhook
 from iris.extensions import db
 from iris.models import ClerkWebhookDelivery
@@ -60,7 +61,8 @@ def clerk_webhook():
     if event_type not in USER_EVENTS:
         outcome = "ignored"
     else:
-        change = _apply(event_type, event["data"])
+        with audit.acting(audit.Actor.webhook(svix_id)):
+            change = _apply(event_type, event["data"])
         outcome = "applied" if change is not None else "unchanged"
     _record(svix_id, event_type)
     log.info("clerk webhook %s (%s): %s", svix_id, event_type, outcome)

@@ -74,7 +74,7 @@ def test_deleting_your_account_deletes_the_clerk_user_soft_deletes_the_row_and_f
     assert response.data == b""
     assert clerk_users(standin) == []
     assert row(app, user["id"]).deleted_at is not None
-    [event] = audit_events(app)
+    event, erased = audit_events(app)
     assert (event.action, str(event.target_id), str(event.actor_id)) == (
         "account_deleted",
         user["id"],
@@ -82,6 +82,8 @@ def test_deleting_your_account_deletes_the_clerk_user_soft_deletes_the_row_and_f
     )
     assert event.actor_name is None
     assert event.request_id == response.headers["X-Request-ID"]
+    # Erased in the same transaction, by the same actor (tests/test_personal_data.py: no trace is left).
+    assert (erased.action, erased.target_id, erased.actor_id) == ("erased", event.target_id, event.actor_id)
     # The token still verifies (Clerk tokens are checked locally), but the account is gone.
     assert_error(client.get(ME, headers=headers), 403, "forbidden")
     assert_error(client.delete(ME, headers=headers), 403, "forbidden")
@@ -111,7 +113,7 @@ def test_clerk_failing_answers_503_and_changes_nothing_then_a_retry_deletes(app,
     assert audit_events(app) == []
     assert client.delete(ME, headers=headers).status_code == 204
     assert clerk_users(standin) == []
-    assert [event.action for event in audit_events(app)] == ["account_deleted"]
+    assert [event.action for event in audit_events(app)] == ["account_deleted", "erased"]
 
 
 def test_clerk_refusing_with_an_unusable_answer_is_502_and_changes_nothing(app, client, standin):
@@ -143,7 +145,7 @@ def test_a_lost_answer_that_cannot_be_looked_up_converges_on_retry(app, client, 
     assert row(app, user["id"]).deleted_at is None  # but Iris could not know yet
     assert client.delete(ME, headers=headers).status_code == 204  # Clerk answers 404: done
     assert row(app, user["id"]).deleted_at is not None
-    assert [event.action for event in audit_events(app)] == ["account_deleted"]
+    assert [event.action for event in audit_events(app)] == ["account_deleted", "erased"]
 
 
 def test_a_delete_that_lands_after_iris_gave_up_converges_on_retry(app, client, standin):
@@ -171,7 +173,7 @@ def test_the_database_failing_after_clerk_deleted_answers_503_and_a_retry_comple
     run_sql(app, REPAIRED_SOFT_DELETE)
     assert client.delete(ME, headers=headers).status_code == 204
     assert row(app, user["id"]).deleted_at is not None
-    assert [event.action for event in audit_events(app)] == ["account_deleted"]
+    assert [event.action for event in audit_events(app)] == ["account_deleted", "erased"]
 
 
 # ---- deactivate and reactivate
@@ -305,15 +307,15 @@ def test_an_unban_that_fails_soft_deletes_the_row_again_and_a_retry_completes(ap
     assert clerk_user_state(standin, owner["clerk_user_id"])["banned"] is False
 
 
-def test_reactivating_an_account_whose_clerk_user_is_gone_is_409_and_changes_nothing(app, client, standin):
+def test_reactivating_an_account_its_owner_deleted_is_409_erased_and_changes_nothing(app, client, standin):
     _, admin_headers = signed_in_admin(client, app, standin)
     owner, owner_headers = signed_in(client, standin)
     assert client.delete(ME, headers=owner_headers).status_code == 204  # the owner deleted it themselves
     before = row(app, owner["id"])
-    error = assert_error(reactivate(client, admin_headers, owner["id"]), 409, "clerk_user_deleted")
+    error = assert_error(reactivate(client, admin_headers, owner["id"]), 409, "account_erased")
     assert "cannot be reactivated" in error["message"]
     assert row(app, owner["id"]) == before
-    assert [event.action for event in audit_events(app)] == ["account_deleted"]
+    assert [event.action for event in audit_events(app)] == ["account_deleted", "erased"]
 
 
 def test_a_clerk_user_gone_between_the_check_and_the_unban_is_undone_and_409(app, client, standin):
@@ -499,7 +501,7 @@ def test_the_audit_trail_cannot_be_changed_or_removed_in_postgresql(app, client,
     client.delete(ME, headers=headers)
     with app.app_context(), pytest.raises(sa.exc.DBAPIError, match="audit_events is append-only"):
         db.session.execute(sa.text(statement))
-    assert [event.action for event in audit_events(app)] == ["account_deleted"]
+    assert [event.action for event in audit_events(app)] == ["account_deleted", "erased"]
 
 
 def test_the_audit_trail_is_append_only_on_sqlite_too(tmp_path):

@@ -111,10 +111,12 @@ def queued_mail(app, email: str) -> uuid.UUID:
 
 
 def outbox(app) -> dict[str, dict]:
-    """Every outbox row, by address."""
+    """Every outbox row, by its account's address (the outbox holds only a keyed hash of it)."""
     with app.app_context():
-        rows = db.session.execute(sa.text("SELECT * FROM mail_outbox")).mappings()
-        return {row["to_address"]: dict(row) for row in rows}
+        rows = db.session.execute(
+            sa.text("SELECT o.*, u.email FROM mail_outbox o JOIN users u ON u.id = o.user_id")
+        ).mappings()
+        return {row["email"]: dict(row) for row in rows}
 
 
 # ---- the request does not wait for SMTP
@@ -261,7 +263,7 @@ def test_the_courier_survives_a_mail_it_cannot_build_and_reconcile_sends_that_on
 
     monkeypatch.setattr(verification, "compose", compose)
     result = app.test_cli_runner().invoke(args=["iris", "reconcile"])
-    assert "mail_sent 1, failed 0" in result.output, result.output
+    assert "mail_sent 1," in result.output and "failed 0" in result.output, result.output
     assert [message["To"] for message in smtp.wait_for(2)][1] == "first@bistro.example"
 
 

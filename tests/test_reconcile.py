@@ -314,13 +314,13 @@ def test_a_second_pass_while_one_runs_says_so_and_exits_0(app, client, standin):
     assert "Summary:" in reconcile(app).output
 
 
-def test_reconcile_forgets_webhook_ids_older_than_a_week(app):
+def test_reconcile_forgets_webhook_ids_older_than_30_days(app):
     with app.app_context():
         db.session.execute(
             sa.text(
                 "INSERT INTO clerk_webhook_deliveries (svix_id, event_type, received_at) VALUES"
-                " ('msg_old', 'user.updated', now() - interval '8 days'),"
-                " ('msg_new', 'user.updated', now() - interval '1 day')"
+                " ('msg_old', 'user.updated', now() - interval '31 days'),"
+                " ('msg_new', 'user.updated', now() - interval '8 days')"
             )
         )
         db.session.commit()

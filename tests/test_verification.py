@@ -309,9 +309,9 @@ def test_a_mail_the_server_refused_waits_in_the_outbox_and_reconcile_sends_it_la
     with smtp_server(port) as mailbox:  # the server is back, on the configured port
         result = app.test_cli_runner().invoke(args=["iris", "reconcile"])
         assert result.exit_code == 0, result.output
-        assert "mail_sent 1, failed 0" in result.output
+        assert "mail_sent 1," in result.output and "failed 0" in result.output
         again = app.test_cli_runner().invoke(args=["iris", "reconcile"])
-        assert "mail_sent 0, failed 0" in again.output  # sent once, not again
+        assert "mail_sent 0," in again.output and "failed 0" in again.output  # sent once, not again
     [message] = mailbox.messages
     assert message["To"] == EMAIL
     [row] = outbox(app)
