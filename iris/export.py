@@ -29,7 +29,6 @@ from typing import Any
 
 import email_validator
 import sqlalchemy as sa
-from flask import current_app
 
 from iris import clerk
 from iris.extensions import db
@@ -43,10 +42,8 @@ from iris.models import (
     local_isoformat,
     normalise_email,
 )
+from iris.personal_data import address_hmac, retention_days
 
-# How long a deactivated account is kept for an admin to bring back, counted from ``deleted_at``, when
-# IRIS_DEACTIVATED_RETENTION_DAYS is not configured (design.md, "What Iris keeps, and for how long").
-DEFAULT_RETENTION_DAYS = 90
 # The audit actions after which a soft-deleted row is a deactivated account (kept for the retention period),
 # not a deleted one: an admin's deactivation, and a reactivation whose unban failed, which put the row back
 # to its deactivated state with its old ``deleted_at``.
@@ -69,17 +66,10 @@ def normalised_address(email: str) -> str:
     return normalise_email(checked)
 
 
-def retention_days() -> int:
-    """IRIS_DEACTIVATED_RETENTION_DAYS, or 90 where the setting does not exist yet."""
-    return int(current_app.config.get("IRIS_DEACTIVATED_RETENTION_DAYS", DEFAULT_RETENTION_DAYS))
-
-
 def _not_erased() -> sa.ColumnElement[bool]:
-    """The rows that still hold their address. THE ONE PLACE TO ADAPT when erasure lands: an erased row has
-    ``erased_at`` set and a placeholder instead of the address; until that column exists, every row holds
-    its address."""
-    erased_at = getattr(User, "erased_at", None)
-    return sa.true() if erased_at is None else erased_at.is_(None)
+    """The rows that still hold their address: an erased row (iris.personal_data) has ``erased_at`` set and a
+    placeholder instead of the address."""
+    return User.erased_at.is_(None)
 
 
 def export(email: str, timezone: str) -> JSON:
@@ -99,7 +89,8 @@ def export(email: str, timezone: str) -> JSON:
     ids = [user.id for user in users]
     other_mail = db.session.execute(
         sa.select(MailOutbox)
-        .where(MailOutbox.to_address.in_(_forms(email)), MailOutbox.user_id.not_in(ids))
+        .where(MailOutbox.to_hmac.in_([address_hmac(form) for form in _forms(email)]))
+        .where(MailOutbox.user_id.not_in(ids))
         .order_by(MailOutbox.created_at, MailOutbox.id)
     ).scalars()
     return {
@@ -152,12 +143,13 @@ def account(user: User, timezone: str) -> JSON:
     )
     last_action = events[-1].action if events else None
     state = _state(user, last_action)
+    own_hmac = address_hmac(user.email)  # which of its mails went to the address it has now
     return {
         **{column.key: _value(getattr(user, column.key), timezone) for column in sa.inspect(User).columns},
         "state": state,
         "erase_after": _value(erase_after(user.deleted_at, state), timezone),
         "audit_events": [_event(event, timezone) for event in events],
-        "mails": [_mail(row, timezone, to_this_address=row.to_address == user.email) for row in mails],
+        "mails": [_mail(row, timezone, to_this_address=row.to_hmac == own_hmac) for row in mails],
         "verification_links": [
             {
                 "created_at": _value(link.created_at, timezone),

@@ -63,9 +63,10 @@ def deactivate(client, headers: dict, user: dict) -> None:
 
 @pytest.fixture
 def history(app: Flask, client, standin) -> dict:
-    """ADDRESS registered and deleted by its owner, registered again and deactivated by an admin (its Clerk
-    user, banned, still holds the address), then a registration of it in flight (a pending row, written as
-    registration reserves the address); another person's account beside them."""
+    """ADDRESS registered and deleted by its owner (erased at once: iris.personal_data), registered again and
+    deactivated by an admin (its Clerk user, banned, still holds the address), then a registration of it in
+    flight (a pending row, written as registration reserves the address); another person's account beside
+    them. ``rows``: the rows that still hold the address; ``erased``: the owner-deleted one."""
     admin, admin_headers = signed_in_admin(client, app, standin)
     first = register(client, ADDRESS)
     delete_own(client, standin, first)
@@ -80,7 +81,7 @@ def history(app: Flask, client, standin) -> dict:
         email=ADDRESS,
     )
     other = register(client, "someone.else@bistro.example")
-    return {"admin": admin, "rows": [first["id"], second["id"], pending], "other": other}
+    return {"admin": admin, "rows": [second["id"], pending], "erased": first["id"], "other": other}
 
 
 def test_export_gives_every_row_of_the_address_with_its_trail_and_round_trips(app, history):
@@ -93,10 +94,14 @@ def test_export_gives_every_row_of_the_address_with_its_trail_and_round_trips(ap
 
     assert data["email"] == ADDRESS
     assert data["restaurants"] == []
-    assert data["other_mail"] == []
     accounts = data["accounts"]
-    assert [entry["id"] for entry in accounts] == history["rows"]
-    assert [entry["state"] for entry in accounts] == ["deleted", "deactivated", "pending"]
+    assert [entry["id"] for entry in accounts] == history["rows"]  # the erased account holds nothing of it
+    assert [entry["state"] for entry in accounts] == ["deactivated", "pending"]
+    # What Iris still holds of the erased account: the first registration's mail, by the address's keyed
+    # hash (the mail bound recognises the address with it), never the address.
+    [mail] = data["other_mail"]
+    assert set(mail) == {"kind", "queued_at", "sent_at", "attempts", "last_error", "to_this_address"}
+    assert (mail["kind"], mail["to_this_address"]) == ("verify_email", True)
     columns = set(
         scalars(
             app,
@@ -118,23 +123,15 @@ def test_export_gives_every_row_of_the_address_with_its_trail_and_round_trips(ap
         assert [[len(entry[key])] for entry in accounts] == [
             scalars(app, count, id=row) for row in history["rows"]
         ]
-    [mail] = accounts[0][
-        "mails"
-    ]  # the first registration's mail (the second's was within the address's bound)
-    assert set(mail) == {"kind", "queued_at", "sent_at", "attempts", "last_error", "to_this_address"}
-    assert (mail["kind"], mail["to_this_address"]) == ("verify_email", True)
-    [link] = accounts[0]["verification_links"]
-    assert set(link) == {"created_at", "expires_at", "used_at"}
-
-    deleted, deactivated, pending = accounts
+    deactivated, pending = accounts
+    assert (deactivated["mails"], deactivated["verification_links"]) == ([], [])  # within the mail bound
     admin_id = history["admin"]["id"]
-    assert [(event["action"], event["actor"]) for event in deleted["audit_events"]] == [
-        ("account_deleted", f"user:{deleted['id']}")
-    ]
     assert [(event["action"], event["actor"]) for event in deactivated["audit_events"]] == [
-        ("deactivated", f"admin:{admin_id}")
+        ("registration_started", f"user:{deactivated['id']}"),
+        ("registered", f"user:{deactivated['id']}"),
+        ("deactivated", f"admin:{admin_id}"),
     ]
-    assert all(event["request_id"] for event in deleted["audit_events"] + deactivated["audit_events"])
+    assert all(event["request_id"] for event in deactivated["audit_events"])
     erase_after = datetime.fromisoformat(deactivated["erase_after"])
     assert erase_after == datetime.fromisoformat(deactivated["deleted_at"]) + timedelta(days=90)
     assert set(pending) >= columns and pending["clerk_user_id"] is None
@@ -144,7 +141,7 @@ def test_export_gives_every_row_of_the_address_with_its_trail_and_round_trips(ap
         None,
         None,
     )
-    assert deleted["clerk_user_deleted_at"] is None  # Clerk's own user.deleted webhook never came (none set)
+    assert deactivated["clerk_user_deleted_at"] is None  # banned, not deleted, at Clerk
 
 
 def test_no_other_persons_address_and_no_hash_appears(app, history):
@@ -152,9 +149,16 @@ def test_no_other_persons_address_and_no_hash_appears(app, history):
     assert "@" in stdout
     for address in (history["admin"]["email"], history["other"]["email"]):
         assert address not in stdout
-    hashes = scalars(app, "SELECT token_sha256 FROM email_verification_links") + scalars(
-        app, "SELECT email_hmac FROM email_verification_links"
-    )
+    hashes = [
+        digest
+        for query in (
+            "SELECT token_sha256 FROM email_verification_links",
+            "SELECT email_hmac FROM email_verification_links",
+            "SELECT to_hmac FROM mail_outbox",
+        )
+        for digest in scalars(app, query)
+        if digest  # an erased account's links keep no hash at all
+    ]
     assert hashes
     assert [digest for digest in hashes if digest in stdout] == []
 
@@ -198,15 +202,10 @@ def test_all_deleted_lists_what_waits_for_erasure_and_when(make_app, standin):
             "2026-03-01T12:00:00+01:00",
             "2026-03-31T13:00:00+02:00",
         ),
-        (
-            "gone@bistro.example",
-            "deleted",
-            "account_deleted",
-            "2026-04-01T13:00:00+02:00",
-            "2026-04-01T13:00:00+02:00",
-        ),
     ]
-    assert live["email"] not in export(app, "--all-deleted").stdout
+    listed = export(app, "--all-deleted").stdout
+    assert live["email"] not in listed
+    assert gone["email"] not in listed  # deleted by its owner: erased at once, nothing waits
     assert (
         printed(export(app, "kept@bistro.example"))["accounts"][0]["erase_after"]
         == "2026-03-31T13:00:00+02:00"
