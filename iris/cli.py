@@ -7,6 +7,7 @@ line on stderr, ``Error: ...``, and exit status 1. An unexpected error is one li
 
 from __future__ import annotations
 
+import functools
 import getpass
 import sys
 import time
@@ -318,50 +319,89 @@ class CheckFailed(Exception):
     """One check of ``flask iris check`` failed; the message says why and holds no secret."""
 
 
+class CheckWarning(Exception):
+    """One check of ``flask iris check`` found something unsafe that still works; the message says what."""
+
+
+# What the runtime role may do on audit_events (migrations/versions/0009_runtime_role.py), and what it is
+# asked about: every table privilege that could change or remove a row, or add a trigger.
+AUDIT_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+AUDIT_ALLOWED = frozenset({"SELECT", "INSERT"})
+ROLES_DOC = "docs/deployment.md, 'Two database roles'"
+# Who DATABASE_URL connects as, and what it may do on audit_events (NULLs when there is no such table).
+RUNTIME_ROLE_QUERY = sa.text(
+    "SELECT current_user AS name, r.rolsuper AS superuser, c.oid IS NOT NULL AS table_found,"
+    " pg_get_userbyid(c.relowner) AS owner,"
+    " pg_has_role(current_user, c.relowner, 'USAGE') AS acts_as_owner,"
+    " (SELECT pg_has_role(current_user, o.oid, 'USAGE') FROM pg_roles o WHERE o.rolname = :runtime)"
+    " AS in_runtime,"
+    " ARRAY(SELECT p FROM unnest(CAST(:privileges AS text[])) AS p WHERE has_table_privilege(c.oid, p))"
+    " AS privileges"
+    " FROM pg_roles r LEFT JOIN pg_class c ON c.oid = to_regclass('audit_events')"
+    " WHERE r.rolname = current_user"
+)
+
+
 @iris_cli.command("check")
 def check_command() -> None:
     """Test the connections production needs, one round trip each, and print a verdict.
 
     Checks, each with its time in ms: the pooled database URL (DATABASE_URL, through the app's own engine and
-    its connect timeout); the direct URL (DATABASE_URL_DIRECT, as migrations connect) when it is set; and the
-    Clerk secret key (one authenticated GET /v1/jwks). A database check reports the server version and whether
-    the connection is encrypted, and fails when sslmode (in the URL, or PGSSLMODE) requires SSL but the
-    connection does not use it. Passwords are masked; keys and tokens are never printed.
+    its connect timeout); on PostgreSQL, the role it connects as (``_check_runtime_role``); the direct URL
+    (DATABASE_URL_DIRECT, as migrations connect) when it is set; and the Clerk secret key (one authenticated
+    GET /v1/jwks). A database check reports the server version and whether the connection is encrypted, and
+    fails when sslmode (in the URL, or PGSSLMODE) requires SSL but the connection does not use it. Passwords
+    are masked; keys and tokens are never printed.
 
-    Exit status: 0 when every check passed, 1 when any failed.
+    Exit status: 0 when every check passed (a WARN passes, and the last line counts it), 1 when any failed.
     """
     config = current_app.config
     direct = config.get("DATABASE_URL_DIRECT")
     key = config["CLERK_SECRET_KEY"]
     secrets = [secret for secret in (*_passwords(db.engine.url), *_passwords(direct or ""), key) if secret]
-    passed = [_run("database (pooled)", _shown(db.engine.url), lambda: _check_database(db.engine), secrets)]
+    outcomes = [_run("database (pooled)", _shown(db.engine.url), lambda: _check_database(db.engine), secrets)]
+    runtime = config["IRIS_DB_RUNTIME_ROLE"]
+    if db.engine.dialect.name != "postgresql":
+        click.echo(
+            f"database role      not checked, {db.engine.dialect.name} has no roles (development only)"
+        )
+    elif outcomes[0] == "FAIL":
+        click.echo("database role      not checked, the pooled database did not answer")
+    else:
+        check_role = functools.partial(_check_runtime_role, db.engine, runtime)
+        outcomes.append(
+            _run("database role", f"runtime role {runtime} (IRIS_DB_RUNTIME_ROLE)", check_role, secrets)
+        )
     if direct:
         shown = _shown(database_uri(direct))
-        passed.append(_run("database (direct)", shown, lambda: _check_direct(direct), secrets))
+        outcomes.append(_run("database (direct)", shown, lambda: _check_direct(direct), secrets))
     else:
         click.echo("database (direct)  not set, migrations use the pooled URL")
-    passed.append(_run("clerk", f"{config['CLERK_API_URL']}, {_key_kind(key)}", _check_clerk, secrets))
-    failed = passed.count(False)
+    outcomes.append(_run("clerk", f"{config['CLERK_API_URL']}, {_key_kind(key)}", _check_clerk, secrets))
+    failed, warned = outcomes.count("FAIL"), outcomes.count("WARN")
     if failed:
-        click.echo(f"FAILED: {failed} of {len(passed)} checks failed")
+        click.echo(f"FAILED: {failed} of {len(outcomes)} checks failed")
         raise SystemExit(1)
-    click.echo(f"OK: all {len(passed)} checks passed")
+    click.echo(f"OK: all {len(outcomes)} checks passed" + (f", {warned} with a warning" if warned else ""))
 
 
-def _run(name: str, target: str, check: Callable[[], str], secrets: list[str]) -> bool:
-    """Print ``name`` and ``target``, run ``check``, print its outcome and time; True when it passed."""
+def _run(name: str, target: str, check: Callable[[], str], secrets: list[str]) -> str:
+    """Print ``name`` and ``target``, run ``check``, print its outcome and time; ``OK``, ``WARN`` (it raised
+    ``CheckWarning``) or ``FAIL``."""
     click.echo(f"{name:<18} {target}")
     started = time.perf_counter()
     try:
-        outcome, passed = check(), True
+        outcome, verdict = check(), "OK"
+    except CheckWarning as warning:
+        outcome, verdict = str(warning), "WARN"
     except (CheckFailed, IrisError, sa.exc.SQLAlchemyError, ValueError) as error:
         cause = error.orig if isinstance(error, sa.exc.DBAPIError) else error
-        outcome, passed = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip()), False
-        for secret in secrets:  # belt and braces: no message we print should hold one
-            outcome = outcome.replace(secret, "***")
+        outcome, verdict = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip()), "FAIL"
+    for secret in secrets:  # belt and braces: no message we print should hold one
+        outcome = outcome.replace(secret, "***")
     elapsed = (time.perf_counter() - started) * 1000
-    click.echo(f"  {'OK' if passed else 'FAIL':<4} {elapsed:6.0f} ms  {outcome}")
-    return passed
+    click.echo(f"  {verdict:<4} {elapsed:6.0f} ms  {outcome}")
+    return verdict
 
 
 def _check_database(engine: sa.Engine) -> str:
@@ -379,6 +419,52 @@ def _check_database(engine: sa.Engine) -> str:
     if sslmode in SSL_REQUIRED_MODES and not encrypted:
         raise CheckFailed(f"sslmode={sslmode} requires SSL, but the connection is not encrypted")
     return f"PostgreSQL {version}, {'SSL in use' if encrypted else 'not encrypted'} (sslmode={sslmode})"
+
+
+def _check_runtime_role(engine: sa.Engine, runtime: str) -> str:
+    """The role DATABASE_URL connects as may append to audit_events and nothing more (two database roles).
+
+    Fails when it may not INSERT or SELECT there (the app could not record a change). Warns, without
+    failing, when it is a superuser, has the privileges of the table's owner (it could switch the append-only
+    triggers off), holds any other privilege on the table (a Neon Console role, through neon_superuser's
+    pg_write_all_data), is neither IRIS_DB_RUNTIME_ROLE nor a member of it, or when the table does not exist
+    in its search path (nothing to check before ``flask db upgrade``).
+    """
+    with engine.connect() as connection:
+        role = connection.execute(
+            RUNTIME_ROLE_QUERY, {"runtime": runtime, "privileges": list(AUDIT_PRIVILEGES)}
+        ).one()
+    unsafe = f"it could switch the append-only triggers off; connect DATABASE_URL as {runtime} ({ROLES_DOC})"
+    if role.superuser:
+        raise CheckWarning(f"{role.name} is a superuser, whom no privilege binds: {unsafe}")
+    if not role.table_found:
+        raise CheckWarning(
+            "no audit_events table in reach (flask db upgrade makes it, or the role lacks USAGE on its"
+            " schema):"
+            " privileges not checked"
+        )
+    if role.acts_as_owner:
+        raise CheckWarning(
+            f"{role.name} has the privileges of {role.owner}, the owner of audit_events: {unsafe}"
+        )
+    granted = set(role.privileges)
+    if missing := [privilege for privilege in AUDIT_PRIVILEGES if privilege in AUDIT_ALLOWED - granted]:
+        raise CheckFailed(
+            f"{role.name} may not {', '.join(missing)} audit_events, so the app cannot record changes: run"
+            f" flask db upgrade once the role exists, or the one-time grants ({ROLES_DOC})"
+        )
+    if extra := [privilege for privilege in AUDIT_PRIVILEGES if privilege in granted - AUDIT_ALLOWED]:
+        raise CheckWarning(
+            f"{role.name} may also {', '.join(extra)} audit_events (as members of neon_superuser may: create"
+            f" the runtime role with SQL, {ROLES_DOC})"
+        )
+    if not role.in_runtime:
+        raise CheckWarning(
+            f"{role.name} is not {runtime} (IRIS_DB_RUNTIME_ROLE) nor a member of it: later migrations grant"
+            f" to {runtime}, not to {role.name}"
+        )
+    shown = role.name if role.name == runtime else f"{role.name} (member of {runtime})"
+    return f"{shown}: neither superuser nor owner; audit_events: INSERT and SELECT only"
 
 
 def _check_direct(url: str) -> str:

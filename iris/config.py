@@ -223,6 +223,16 @@ def _webhook_secret(name: str, value: str) -> str:
     return value
 
 
+def _role_name(name: str, value: str) -> str:
+    """A PostgreSQL role name that needs no quoting: lower-case letters, digits and ``_``, at most 63."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+        raise ConfigError(
+            f"Iris cannot start: {name} must be a PostgreSQL role name of lower-case letters, digits and _"
+            " (at most 63, not starting with a digit)."
+        )
+    return value
+
+
 def _list(name: str, value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -299,6 +309,9 @@ ENVIRONMENT: dict[str, Setting] = {
     "CLERK_SECRET_KEY": Setting("CLERK_SECRET_KEY", required=True),
     "FLASK_SECRET_KEY": Setting("SECRET_KEY", required=True),
     "DATABASE_URL_DIRECT": Setting("DATABASE_URL_DIRECT"),
+    # The role DATABASE_URL connects as (or a group role it is a member of): migrations grant it what the app
+    # needs, audit_events INSERT and SELECT only, when it exists (migrations/versions/0009_runtime_role.py).
+    "IRIS_DB_RUNTIME_ROLE": Setting("IRIS_DB_RUNTIME_ROLE", "iris_app", _role_name),
     "CLERK_API_URL": Setting("CLERK_API_URL", "https://api.clerk.com", _url),
     "CLERK_AUTHORIZED_PARTIES": Setting("CLERK_AUTHORIZED_PARTIES", [], _list),
     # Unset: POST /api/v1/webhooks/clerk answers 404 (reconcile alone keeps Iris in step).

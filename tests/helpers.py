@@ -563,3 +563,32 @@ def create_marked_clerk_user(
         external_id=external_id or str(uuid.uuid4()),
         private_metadata=metadata,
     )
+
+
+# ---- database roles: the runtime role and the owner (migrations/versions/0009_runtime_role.py)
+
+
+@contextmanager
+def login_role(admin_engine: sa.Engine, prefix: str = "iris_app") -> Iterator[str]:
+    """A new LOGIN role, neither superuser nor owner of anything, named ``prefix`` and a random suffix:
+    roles are cluster-wide and tests run side by side, each in its schema. Afterwards its sessions are ended,
+    and everything it owns or was granted in the test database goes with it (``DROP OWNED``)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin_engine.begin() as connection:
+        connection.execute(sa.text(f'CREATE ROLE "{name}" LOGIN'))
+    try:
+        yield name
+    finally:
+        with admin_engine.begin() as connection:
+            connection.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :name"),
+                {"name": name},
+            )
+            connection.execute(sa.text(f'DROP OWNED BY "{name}"'))
+            connection.execute(sa.text(f'DROP ROLE "{name}"'))
+
+
+def url_as(role: str) -> str:
+    """TEST_DATABASE_URL connecting as ``role`` (the test server trusts loopback: no password)."""
+    url = sa.make_url(TEST_DATABASE_URL).set(username=role, password=None)
+    return url.render_as_string(hide_password=False)
