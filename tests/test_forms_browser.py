@@ -351,11 +351,13 @@ def test_this_wasnt_me_pressed_in_the_browser_removes_the_account_without_a_pass
     web, page, admin_engine, standin
 ):
     email, path = registered_in_the_browser(web)
+    [account] = accounts(admin_engine, web.schema, email)
     opened = page.goto(web.url + path)
     assert opened is not None and opened.status == 200
     assert press(page, REMOVE) == 200, page.content()
     assert page.get_by_role("heading", level=1).inner_text() == "This account no longer exists"
     assert "The account is removed" in page.locator("main .lede").inner_text()
     screenshot(page, "verify-email-removed.png")
-    assert account_state(admin_engine, web.schema, email).deleted_at is not None
+    assert accounts(admin_engine, web.schema, email) == []  # deleted and erased: no row holds the address
+    assert accounts(admin_engine, web.schema, f"erased:{account.id}") != []
     assert clerk_users_with(standin, email) == []
