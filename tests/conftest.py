@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from clerk_standin import StandinServer
-from tests.helpers import TEST_DATABASE_URL, dispose, make_test_app, migrate
+from tests.helpers import TEST_DATABASE_URL, StandinApi, dispose, make_test_app, migrate
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +49,14 @@ def standin(standin_server: StandinServer) -> Iterator[StandinServer]:
     """The stand-in, emptied (users, sessions, faults, counters) after every test."""
     yield standin_server
     standin_server.app.reset()
+
+
+@pytest.fixture
+def api(standin: StandinServer) -> StandinApi:
+    """A ``StandinApi`` on the test's stand-in (a module may give its own ``standin``), reset first."""
+    api = StandinApi(standin)
+    assert api.control("POST", "/reset").status_code == 200
+    return api
 
 
 @pytest.fixture

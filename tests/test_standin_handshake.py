@@ -44,18 +44,12 @@ EPOCH = "Thu, 01 Jan 1970 00:00:00 GMT"
 NODE_DIR = Path(__file__).resolve().parent / "node"
 
 
-# Named like tests/conftest.py's autouse fixture, so this module runs on its own server without a database.
+# Named like tests/conftest.py's autouse fixture, so this module runs on its own server without a database
+# (conftest's ``api`` then drives this one).
 @pytest.fixture(scope="module")
 def standin() -> Iterator[StandinServer]:
     with StandinServer(port=0) as server:
         yield server
-
-
-@pytest.fixture
-def api(standin: StandinServer) -> StandinApi:
-    api = StandinApi(standin)
-    assert api.control("POST", "/reset").status_code == 200
-    return api
 
 
 # --------------------------------------------------------------------------- helpers
