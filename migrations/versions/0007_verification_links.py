@@ -11,7 +11,7 @@ so the users table keeps its updated_at trigger.
 
 Revision ID: 0007_verification_links
 Revises: 0006_instance_mark
-Create Date: 2026-12-20
+Create Date: 2026-12-08
 """
 
 import sqlalchemy as sa

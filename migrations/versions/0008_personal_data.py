@@ -22,7 +22,7 @@ once IRIS_DEACTIVATED_RETENTION_DAYS have passed since its deleted_at.
 
 Revision ID: 0008_personal_data
 Revises: 0007_verification_links
-Create Date: 2026-12-28
+Create Date: 2026-12-08
 """
 
 import sqlalchemy as sa

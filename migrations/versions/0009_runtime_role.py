@@ -33,7 +33,7 @@ needs the same grants, which give it nothing beyond what that code does. To take
 
 Revision ID: 0009_runtime_role
 Revises: 0008_personal_data
-Create Date: 2026-12-22
+Create Date: 2026-12-08
 """
 
 import logging
