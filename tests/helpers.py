@@ -399,6 +399,12 @@ def smtp_server(port: int | None = None, mailbox: Mailbox | None = None) -> Iter
         controller.stop()
 
 
+def mailed_link(mailbox: Mailbox, address: str) -> str:
+    """The verification link's path in the one mail ``address`` got (waiting for it to arrive)."""
+    [message] = mailbox.wait_for(1, to=address)
+    return link_in(message)
+
+
 def link_in(message: Any) -> str:
     """The verification link's path in a received mail's plain text part."""
     text = message.get_body(preferencelist=("plain",)).get_content()
